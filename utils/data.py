@@ -1,0 +1,114 @@
+"""In-memory image sets and tensor-side preprocessing.
+
+Every data set in this project is an `ImageSet`: uint8 images [N, C, H, W] and int64 labels [N], plus,
+for backdoor sets, the true labels and the poison flags. Data stay uint8 until a batch is drawn, then
+are converted, augmented and normalized on the device, so no PIL or DataLoader is in the hot loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]: the label the model is trained / scored against
+    true_labels: torch.Tensor | None = None  # int64 [N]: original class of a backdoor sample
+    poisoned: torch.Tensor | None = None  # bool [N]
+    index: torch.Tensor | None = None  # int64 [N]: index into the clean data set it came from
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def subset(self, idx) -> "ImageSet":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return ImageSet(self.images[idx], self.labels[idx], pick(self.true_labels),
+                        pick(self.poisoned), pick(self.index))
+
+    def to(self, device) -> "ImageSet":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ImageSet(move(self.images), move(self.labels), move(self.true_labels),
+                        move(self.poisoned), move(self.index))
+
+    def with_channels(self, channels: int) -> "ImageSet":
+        return replace(self, images=convert_channels(self.images, channels))
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Match the channel count a model expects: grey -> RGB repeats, RGB -> grey uses ITU-R 601-2
+    luma (PIL's "L" conversion), so 1-channel data run on 3-channel models and vice versa."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def channel_stats(values, channels: int) -> tuple[float, ...]:
+    """Per-channel mean or std for `channels`, repeating or averaging a data set's own values."""
+    values = tuple(values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"cannot map {len(values)} normalization values to {channels} channels")
+
+
+class Preprocess:
+    """uint8 batch -> normalized float batch, with the train-time augmentation on tensors:
+    RandomCrop(padding=4, zero fill) and, where the data set uses it, RandomHorizontalFlip."""
+
+    def __init__(self, mean, std, channels: int, crop_padding: int = 4, hflip: bool = False):
+        self.mean = torch.tensor(channel_stats(mean, channels)).view(1, -1, 1, 1)
+        self.std = torch.tensor(channel_stats(std, channels)).view(1, -1, 1, 1)
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+
+    def __call__(self, images: torch.Tensor, augment: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255)
+        if augment:
+            x = self.augment(x, generator)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.sub_(mean).div_(std)
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.crop_padding
+        # Random numbers are drawn on the generator's device (CPU by default) so that CPU and CUDA
+        # runs with the same seed see the same crops and flips.
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        if p > 0:
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=gen_device).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=gen_device).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            chan = torch.arange(c, device=x.device)[None, :, None, None]
+            x = padded[batch, chan, rows, cols]
+        if self.hflip:
+            flip = torch.rand(n, generator=generator, device=gen_device).to(x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
