@@ -1,0 +1,222 @@
+"""Model registry: every module in this folder registers its builders with `@register_model(name)`.
+
+A builder is `fn(num_classes: int, in_channels: int, image_size: int) -> nn.Module`; it sets no global
+state and is deterministic given `torch.manual_seed`. Adding a model means adding one file here: the
+package imports every module in its folder when it is first imported.
+
+Nothing here downloads anything: pretrained weights come only from a local file (`weights_path`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from typing import Callable
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+__all__ = ["register_model", "model_names", "build_model", "find_classifier", "input_channels",
+           "load_weights"]
+
+Builder = Callable[[int, int, int], nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(name: str):
+    """Decorator: register `fn(num_classes, in_channels, image_size) -> nn.Module` under `name`."""
+    key = name.lower()
+
+    def deco(fn: Builder) -> Builder:
+        if key in _REGISTRY and _REGISTRY[key] is not fn:
+            raise ValueError(f"model name {name!r} is registered twice "
+                             f"({_REGISTRY[key].__module__} and {fn.__module__})")
+        _REGISTRY[key] = fn
+        return fn
+
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """Build a registered model; optionally load pretrained weights from a LOCAL state-dict file.
+
+    A pretrained file whose classifier has another shape (e.g. 1000 ImageNet classes) loads every
+    weight except the classifier, which keeps its fresh initialization.
+    """
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+    if int(num_classes) < 1:
+        raise UserError(f"num_classes must be >= 1, got {num_classes}: check the data set's class count")
+    if int(in_channels) < 1:
+        raise UserError(f"in_channels must be >= 1, got {in_channels}: use 1 (grey) or 3 (RGB)")
+    model = _REGISTRY[key](int(num_classes), int(in_channels), int(image_size))
+    if weights_path is not None:
+        _load_pretrained(model, key, int(num_classes), weights_path)
+    return model
+
+
+# ---------------------------------------------------------------- classifier lookup
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _describe_linears(model: nn.Module, keep: int = 12) -> str:
+    layers = [f"{n} ({m.in_features}->{m.out_features})" for n, m in _linear_layers(model)]
+    if not layers:
+        return "the model has no nn.Linear layer"
+    if len(layers) > keep:
+        return (f"Linear layers: ... {len(layers) - keep} earlier, then "
+                + ", ".join(layers[-keep:]))
+    return "Linear layers: " + ", ".join(layers)
+
+
+def find_classifier(model: nn.Module, num_classes: int, name: str | None = None
+                    ) -> tuple[str, nn.Linear]:
+    """The classifier layer: `name` (dotted path, e.g. 'classifier.6', '1.heads.head') if given,
+    else the last nn.Linear (registration order) with `out_features == num_classes`."""
+    if name:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"layer {name!r} not found in the model: pass --linear_name as one of the "
+                            f"{_describe_linears(model)}") from None
+        if not isinstance(layer, nn.Linear):
+            raise UserError(f"layer {name!r} is a {type(layer).__name__}, not an nn.Linear: pass "
+                            f"--linear_name as one of the {_describe_linears(model)}")
+        return name, layer
+    found = [(n, m) for n, m in _linear_layers(model) if m.out_features == num_classes]
+    if not found:
+        raise UserError(f"no nn.Linear layer with {num_classes} outputs found: pass --linear_name "
+                        f"with the classifier's dotted name; {_describe_linears(model)}")
+    return found[-1]
+
+
+# ---------------------------------------------------------------- state dicts
+
+def input_channels(state_dict) -> int:
+    """Input channel count a model expects: in_channels of its first 4-D floating-point weight."""
+    for key, value in state_dict.items():
+        if (torch.is_tensor(value) and value.dim() == 4 and value.is_floating_point()
+                and str(key).endswith("weight")):
+            return int(value.shape[1])
+    raise UserError("the weights contain no 4-D convolution weight, so the input channel count is "
+                    "unknown: check that the file holds a convolutional model's state dict")
+
+
+def _strip_module(state_dict) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        key = str(key)
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
+
+def _diff(model_sd: dict, sd: dict) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    shapes = []
+    for k, v in sd.items():
+        if k in model_sd:
+            if not torch.is_tensor(v):
+                shapes.append(f"{k} (not a tensor: {type(v).__name__})")
+            elif tuple(v.shape) != tuple(model_sd[k].shape):
+                shapes.append(f"{k} {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}")
+    return missing, unexpected, shapes
+
+
+def _some(items: list[str], n: int = 5) -> str:
+    head = ", ".join(items[:n])
+    return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _mismatch_text(missing, unexpected, shapes) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {_some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {_some(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: {_some(shapes)}")
+    return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, state_dict) -> None:
+    """Strict load after stripping 'module.' (DataParallel) prefixes; a mismatch is a UserError."""
+    sd = _strip_module(state_dict)
+    missing, unexpected, shapes = _diff(model.state_dict(), sd)
+    if missing or unexpected or shapes:
+        raise UserError(f"the weights do not fit the {type(model).__name__} model ("
+                        f"{_mismatch_text(missing, unexpected, shapes)}): the record's model_name "
+                        f"may be wrong, or the weights come from another architecture")
+    model.load_state_dict(sd, strict=True)
+
+
+def _read_state_dict(path) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {str(path)!r} not found: give --weights_path as an existing "
+                        f"local state-dict file (nothing is downloaded)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read weights file {str(path)!r} ({first}): save it with "
+                        f"torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+        for inner in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(inner), dict):
+                obj = obj[inner]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"weights file {str(path)!r} does not hold a state dict of tensors: save it "
+                        f"with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
+    """Add the prefix a wrapper adds (e.g. '1.' for Sequential(Resize, vit)) when the file holds
+    the bare inner model's keys and none of them match directly."""
+    if any(k in sd for k in model_keys):
+        return sd
+    first = next(iter(sd))
+    for mk in model_keys:
+        if mk.endswith("." + first):
+            prefix = mk[: len(mk) - len(first)]
+            moved = {prefix + k: v for k, v in sd.items()}
+            if any(k in moved for k in model_keys):
+                return moved
+    return sd
+
+
+def _load_pretrained(model: nn.Module, name: str, num_classes: int, path) -> None:
+    model_sd = model.state_dict()
+    sd = _align_prefix(_strip_module(_read_state_dict(path)), list(model_sd))
+    cls_name, _ = find_classifier(model, num_classes)
+    cls_keys = {f"{cls_name}.weight", f"{cls_name}.bias"}
+    # a classifier trained on another class count (e.g. ImageNet's 1000) is left freshly initialized
+    if any(k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape) for k in cls_keys):
+        sd = {k: v for k, v in sd.items() if k not in cls_keys}
+    missing, unexpected, shapes = _diff(model_sd, sd)
+    missing = [k for k in missing if k not in cls_keys or any(c in sd for c in cls_keys)]
+    if missing or unexpected or shapes:
+        raise UserError(f"pretrained weights {str(path)!r} do not fit model {name!r} ("
+                        f"{_mismatch_text(missing, unexpected, shapes)}): use weights of the same "
+                        f"architecture and input channel count")
+    model.load_state_dict(sd, strict=False)
+
+
+# ---------------------------------------------------------------- auto-registration
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

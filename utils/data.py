@@ -100,14 +100,11 @@ class Preprocess:
         # runs with the same seed see the same crops and flips.
         gen_device = generator.device if generator is not None else torch.device("cpu")
         if p > 0:
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=gen_device).to(x.device)
             dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=gen_device).to(x.device)
-            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-            batch = torch.arange(n, device=x.device)[:, None, None, None]
-            chan = torch.arange(c, device=x.device)[None, :, None, None]
-            x = padded[batch, chan, rows, cols]
+            # All (2p+1)^2 crops as a strided view [n, c, 2p+1, 2p+1, h, w]; pick one per image.
+            windows = torch.nn.functional.pad(x, (p, p, p, p)).unfold(2, h, 1).unfold(3, w, 1)
+            x = windows[torch.arange(n, device=x.device), :, dy, dx]
         if self.hflip:
             flip = torch.rand(n, generator=generator, device=gen_device).to(x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)

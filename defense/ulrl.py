@@ -1,0 +1,198 @@
+"""ULRL: UnLearn and ReLearn for backdoor removal (Min, Pham and Sun).
+
+    python defense/ulrl.py --result_file badnet_0_1 --yaml_path config/defense/ulrl/cifar10.yaml
+
+Algorithm 1 = Algorithm 2 (unlearn on the defense subset by gradient ascent, then flag the classifier
+neurons whose weights moved abnormally) + Algorithm 3 (reload the original model, reinitialize the
+flagged neurons, relearn with a cosine-similarity penalty pushing them away from their original
+weights). Defaults follow the public code; deliberate differences are listed in the README.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from utils.cli import log, main_guard, progress  # noqa: E402
+from utils.config import Option, parse_config  # noqa: E402
+from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.train import Batches, cross_entropy, train_epoch  # noqa: E402
+
+OPTIONS = {
+    **DEFENSE_OPTIONS,
+    # Algorithm 2: unlearning (kappa = unlearning_lr, CA_min = clean_threshold)
+    "unlearning_lr": Option(0.01, "gradient-ascent learning rate (kappa)"),
+    "unlearning_epochs": Option(20, "at most this many unlearning epochs"),
+    "clean_threshold": Option(0.2, "stop unlearning once defense-subset accuracy <= this (CA_min)"),
+    "unlearning_momentum": Option(0.9, "SGD momentum while unlearning"),
+    "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning"),
+    "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs), gamma 0.1",
+                                    nargs="+"),
+    "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)"),
+    # identification
+    "tau": Option(3.5, "modified z-score threshold (MAD threshold tau)"),
+    "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)"),
+    "no_flag_action": Option("finetune", "when no neuron is flagged: 'finetune' (relearn without "
+                             "the penalty, as the public code), 'top' (flag the ht largest "
+                             "scores), 'stop' (keep the original model)",
+                             choices=("finetune", "top", "stop")),
+    # Algorithm 3: relearning (eta = relearn_lr)
+    "relearn_lr": Option(0.005, "relearning learning rate (eta)"),
+    "relearn_epochs": Option(20, "relearning epochs (CosineAnnealingLR over them)"),
+    "relearn_momentum": Option(0.9, "SGD momentum while relearning"),
+    "alpha": Option(0.7, "weight of the cosine-similarity penalty"),
+}
+
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
+MEAN_AD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (used when MAD = 0)
+
+
+# ---------------------------------------------------------------- Algorithm 2: unlearning
+def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
+    """Gradient ascent on the defense subset until its accuracy <= CA_min. Accuracy is the running
+    accuracy of each epoch's train-mode predictions, checked once per epoch (the public code's rule:
+    it needs no extra forward pass)."""
+    cfg = run.cfg
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearning_lr,
+                                momentum=cfg.unlearning_momentum,
+                                weight_decay=cfg.unlearning_weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
+    reached, epochs = False, 0
+    with progress(cfg.unlearning_epochs * len(batches), "unlearning") as bar:
+        for epoch in range(cfg.unlearning_epochs):
+            stats = train_epoch(model, batches, optimizer, cross_entropy, ascent=True,
+                                clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar)
+            run.log_epoch("unlearning", epoch, stats, optimizer, model)
+            scheduler.step()
+            epochs = epoch + 1
+            if stats["train_acc"] <= cfg.clean_threshold:
+                reached = True
+                break
+    if not reached:
+        log.warning("unlearning never brought defense accuracy to <= %.2f in %d epochs (last "
+                    "%.3f); scoring the weights as they are", cfg.clean_threshold, epochs,
+                    stats["train_acc"])
+    return {"epochs": epochs, "reached_threshold": reached, "final_train_acc": stats["train_acc"]}
+
+
+def score_neurons(w_pre: torch.Tensor, w_post: torch.Tensor, tau: float, ht: int) -> dict:
+    """Flag classifier neurons (rows) whose weights moved abnormally far during unlearning.
+
+    score_j = sum_k |w_post[j,k] - w_pre[j,k]|; modified z-score z_j = |score_j - median| /
+    (1.4826 MAD); flagged: z_j > tau in the upper tail, the `ht` LARGEST scores kept (Alg. 2 sorts
+    by deviation; ties broken by the lower index). MAD = 0 (over half the neurons moved identically)
+    falls back to 1.2533 x the mean absolute deviation; if that is 0 too, nothing is an outlier."""
+    scores = (w_post.float() - w_pre.float()).abs().sum(1).cpu()
+    median = scores.median()  # the lower middle value for an even count, as the public code
+    deviation = (scores - median).abs()
+    mad = deviation.median()
+    scale_name, scale = "MAD", MAD_TO_SIGMA * mad
+    if mad == 0:
+        scale_name, scale = "mean_absolute_deviation", MEAN_AD_TO_SIGMA * deviation.mean()
+    if scale > 0:
+        outliers = ((deviation / scale > tau) & (scores > median)).nonzero().flatten().tolist()
+    else:
+        scale_name, outliers = "none (all scores equal)", []
+    outliers.sort(key=lambda j: (-scores[j].item(), j))
+    flagged = outliers[:ht] if ht > 0 else outliers
+    tie_at_cap = 0 < ht < len(outliers) and scores[outliers[ht - 1]] == scores[outliers[ht]]
+    return {"scores": [round(s, 6) for s in scores.tolist()], "median": median.item(),
+            "mad": mad.item(), "scale": scale_name, "scale_value": float(scale),
+            "threshold": (median + tau * scale).item(), "outliers": outliers, "flagged": flagged,
+            "tie_at_cap": bool(tie_at_cap)}
+
+
+# ---------------------------------------------------------------- Algorithm 3: relearning
+def reinitialize(linear: torch.nn.Linear, neurons: list[int], generator: torch.Generator) -> None:
+    """He-style reinitialization of the flagged rows: U(-sqrt(2/fan_in), +sqrt(2/fan_in)), bias 0."""
+    if not neurons:
+        return
+    fan_in = linear.weight.shape[1]
+    bound = math.sqrt(2.0 / fan_in)
+    fresh = torch.empty(len(neurons), fan_in).uniform_(-bound, bound, generator=generator)
+    with torch.no_grad():
+        linear.weight[neurons] = fresh.to(linear.weight)
+        if linear.bias is not None:
+            linear.bias[neurons] = 0
+
+
+def cosine_penalty(weight: torch.Tensor, neurons: list[int], w_ori: torch.Tensor) -> torch.Tensor:
+    """sum over flagged neurons i of cos(w_i, w_i^ori) (a sum, as Eq. 3 and the public code)."""
+    if not neurons:
+        return weight.new_zeros(())
+    return F.cosine_similarity(weight[neurons].float(), w_ori.float(), dim=1).sum()
+
+
+def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int],
+            w_ori: torch.Tensor) -> dict:
+    """Train all parameters on the defense subset with CE + alpha * cosine penalty."""
+    cfg = run.cfg
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.relearn_lr,
+                                momentum=cfg.relearn_momentum)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.relearn_epochs)
+
+    def loss_fn(logits, labels):
+        return cross_entropy(logits, labels) + cfg.alpha * cosine_penalty(linear.weight, neurons,
+                                                                          w_ori)
+
+    with progress(cfg.relearn_epochs * len(batches), "relearning") as bar:
+        for epoch in range(cfg.relearn_epochs):
+            stats = train_epoch(model, batches, optimizer, loss_fn, amp=cfg.amp, progress=bar)
+            stats["cosine"] = cosine_penalty(linear.weight.detach(), neurons, w_ori).item()
+            run.log_epoch("relearning", epoch, stats, optimizer, model)
+            scheduler.step()
+    return {"epochs": cfg.relearn_epochs,
+            "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
+
+
+def main(argv=None):
+    cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
+    with DefenseRun(cfg, "ulrl") as run:
+        model, linear = run.model, run.linear
+        before = run.timed("evaluation", run.evaluate)
+        batches = Batches(run.defense_data, run.preprocess, cfg.batch_size, shuffle=True,
+                          augment=True, seed=cfg.seed)
+
+        # Algorithm 2, lines 1-8: capture w_pre, unlearn, capture w_post.
+        w_pre = linear.weight.detach().clone()
+        unlearning = run.timed("unlearning", unlearn, run, model, batches)
+        w_post = linear.weight.detach().clone()
+        # Lines 9-17: score the neurons and flag the outliers.
+        found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht)
+        neurons = found["flagged"]
+        log.info("neuron scores: median %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
+                 found["median"], found["scale"], found["scale_value"], found["threshold"],
+                 neurons, found["outliers"])
+        if found["tie_at_cap"]:
+            log.warning("scores tie at the cap ht=%d: kept the lower neuron index", cfg.ht)
+        action = "reinitialize"
+        if not neurons:
+            action = cfg.no_flag_action
+            log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
+            if action == "top":
+                neurons = sorted(range(len(found["scores"])),
+                                 key=lambda j: (-found["scores"][j], j))[:max(cfg.ht, 1)]
+        # Line 18: revert to the original (backdoored) weights, BatchNorm buffers included.
+        model.load_state_dict(run.original_state())
+
+        relearning = {"epochs": 0}
+        if action != "stop":
+            # Algorithm 3: reinitialize the flagged neurons, then relearn.
+            w_ori = linear.weight.detach()[neurons].clone()
+            reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+            relearning = run.timed("relearning", relearn, run, model, linear, batches, neurons,
+                                   w_ori)
+        after = run.timed("evaluation", run.evaluate)
+        run.finish(before, after, {
+            "flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
+            "identification": found, "no_flag_action": action if action != "reinitialize" else None,
+            "unlearning": unlearning, "relearning": relearning})
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,88 @@
+"""Defaults < yaml < command line; unknown or mistyped keys are errors."""
+from pathlib import Path
+
+import pytest
+
+from defense.ulrl import OPTIONS
+from utils.config import parse_config
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    return parse_config(OPTIONS, "test", argv)
+
+
+def test_defaults_are_the_public_codes():
+    cfg = parse([])
+    assert (cfg.unlearning_lr, cfg.clean_threshold, cfg.tau, cfg.ht) == (0.01, 0.2, 3.5, 2)
+    assert (cfg.unlearning_epochs, cfg.relearn_epochs, cfg.batch_size, cfg.ratio) == (20, 20, 128, 0.01)
+    assert cfg.unlearning_milestones == [10, 20] and cfg.clip_norm == 20.0
+    assert cfg.trust_record is False and cfg.eval_every_epoch is False
+
+
+def test_yaml_then_command_line(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("relearn_lr: 0.001\nalpha: 0.5\ntau: 3\nunlearning_milestones: [5, 8]\n")
+    cfg = parse(["--yaml_path", str(yml), "--alpha", "0.9"])
+    assert cfg.relearn_lr == 0.001  # from the yaml
+    assert cfg.alpha == 0.9  # command line wins
+    assert cfg.tau == 3.0 and isinstance(cfg.tau, float)  # yaml int coerced to float
+    assert cfg.unlearning_milestones == [5, 8]
+    assert parse(["--yaml_path", str(yml), "--unlearning_milestones", "2", "4"]).unlearning_milestones == [2, 4]
+
+
+def test_shipped_yaml_files_parse_with_the_papers_values():
+    cfg = parse(["--yaml_path", str(ROOT / "config/defense/ulrl/cifar10.yaml")])
+    assert (cfg.relearn_lr, cfg.alpha) == (0.005, 0.7)
+    for name in ("gtsrb", "cifar100", "tiny"):
+        cfg = parse(["--yaml_path", str(ROOT / f"config/defense/ulrl/{name}.yaml")])
+        assert (cfg.relearn_lr, cfg.alpha) == (0.001, 0.001)
+    for path in (ROOT / "config/defense/ulrl").glob("*.yaml"):
+        parse(["--yaml_path", str(path)])  # every shipped file is valid
+
+
+def test_unknown_yaml_key_is_an_error_with_a_suggestion(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("relearn_lrr: 0.001\n")
+    with pytest.raises(UserError, match="unknown key 'relearn_lrr'.*did you mean 'relearn_lr'"):
+        parse(["--yaml_path", str(yml)])
+
+
+def test_mistyped_yaml_value_is_an_error(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("unlearning_epochs: lots\n")
+    with pytest.raises(UserError, match="'unlearning_epochs' must be int"):
+        parse(["--yaml_path", str(yml)])
+
+
+def test_bad_yaml_and_missing_yaml(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        parse(["--yaml_path", str(yml)])
+    with pytest.raises(UserError, match="not found"):
+        parse(["--yaml_path", str(tmp_path / "missing.yaml")])
+
+
+def test_unknown_command_line_flag_exits(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--relearn_lrr", "0.1"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --relearn_lrr" in capsys.readouterr().err
+
+
+def test_booleans_parse_correctly():
+    assert parse(["--trust_record"]).trust_record is True
+    assert parse(["--eval_every_epoch", "false"]).eval_every_epoch is False  # not type=bool's True
+    assert parse(["--amp", "False"]).amp is False
+    with pytest.raises(SystemExit):
+        parse(["--amp", "maybe"])
+
+
+def test_choices_enforced(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("no_flag_action: retry\n")
+    with pytest.raises(UserError, match="must be one of finetune, top, stop"):
+        parse(["--yaml_path", str(yml)])

@@ -1,0 +1,87 @@
+"""What every command-line entry point shares: one-line errors, a log file, progress bars,
+seeding, and the environment block of a summary."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.errors import UserError
+
+log = logging.getLogger("backdoor")
+
+
+def main_guard(main):
+    """Run `main`; a UserError ends the program with one clear line and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        if not getattr(e, "logged", False):
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup_console_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@contextmanager
+def log_file(path):
+    """Log to a temporary sibling of `path`, renamed into place when the run ends (also on error,
+    so a failed run leaves its complete log, never a half-written result)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    handler = logging.FileHandler(tmp)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        os.replace(tmp, path)
+
+
+def progress(total: int, desc: str):
+    """A progress bar on a terminal; silent in logs and CI (tqdm's disable=None)."""
+    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

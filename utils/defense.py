@@ -1,0 +1,186 @@
+"""What every defense shares: its common options, loading the record with its model and data, the
+defense subset, evaluation, and the output files in record/<name>/defense/<method>/."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from models import build_model, find_classifier, input_channels, load_weights
+from utils.cli import environment, log, log_file, require, seed_everything, setup_console_logging
+from utils.config import Option
+from utils.data import Preprocess
+from utils.datasets import get_dataset, load_clean_dataset
+from utils.errors import UserError
+from utils.io import check_writable, write_csv, write_json, write_text
+from utils.record import backdoor_set, load_attack_record, save_defense_result
+from utils.train import backdoor_metrics, resolve_device
+
+DEFENSE_OPTIONS = {
+    "result_file": Option(None, "record folder name under --record_dir (required)", str),
+    "record_dir": Option("record", "folder holding the attack records"),
+    "dataset": Option(None, "data set; optional, must agree with the record's clean_data", str),
+    "model": Option(None, "model; optional, must agree with the record's model_name", str),
+    "dataset_path": Option("./data", "folder holding the clean data sets (<dataset_path>/<name>)"),
+    "device": Option(None, "cpu, cuda or cuda:N; default cuda when available, else cpu", str),
+    "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization"),
+    "ratio": Option(0.01, "share of the clean training set used as defense data"),
+    "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str),
+    "batch_size": Option(128, "training batch size"),
+    "eval_batch_size": Option(1024, "evaluation batch size"),
+    "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
+                          str),
+    "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
+    "eval_every_epoch": Option(False, "evaluate the full clean and backdoor test sets after every "
+                                      "epoch (the public code's schedule; slow)"),
+    "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
+                                  "from whoever made it); only for records you made yourself"),
+}
+
+
+def select_subset(n: int, cfg) -> list[int]:
+    """The defense subset: `ratio` of the clean training set drawn uniformly with a seeded
+    random.sample (as the public code), or the indices listed in --index."""
+    if cfg.index:
+        path = Path(cfg.index)
+        require(path.is_file(), f"index file {path} not found: pass an existing --index file")
+        try:
+            idx = [int(line) for line in path.read_text().split()]
+        except ValueError as e:
+            raise UserError(f"index file {path} must hold one integer per line ({e})") from e
+        require(len(idx) > 0, f"index file {path} is empty")
+        require(len(set(idx)) == len(idx), f"index file {path} repeats indices")
+        require(min(idx) >= 0 and max(idx) < n,
+                f"index file {path} has indices outside 0..{n - 1} of the clean training set")
+        return idx
+    require(0 < cfg.ratio <= 1, f"--ratio must be in (0, 1], got {cfg.ratio}")
+    k = int(n * cfg.ratio)
+    require(k > 0, f"--ratio {cfg.ratio} selects no sample of {n}: raise it")
+    return random.Random(cfg.seed).sample(range(n), k)
+
+
+class DefenseRun:
+    """Loads a record and everything a defense needs; writes the defense's outputs."""
+
+    def __init__(self, cfg, method: str):
+        setup_console_logging()
+        require(bool(cfg.result_file), "--result_file is required: the record folder name under "
+                                       f"{cfg.record_dir}/")
+        self.cfg, self.method = cfg, method
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.epochs: list[dict] = []  # one row per training epoch, for <method>_df.csv
+        self.folder = Path(cfg.record_dir) / cfg.result_file
+        require((self.folder / "attack_result.pt").is_file(),
+                f"no attack record at {self.folder / 'attack_result.pt'}: check --result_file and "
+                "--record_dir (records live in record/<name>/attack_result.pt)")
+        self.out = check_writable(self.folder / "defense" / method)
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+
+    def __enter__(self):
+        self._log = log_file(self.out / f"{self.method}.log")
+        self._log.__enter__()
+        try:
+            self._load()
+        except BaseException as e:
+            self._log.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and issubclass(exc[0], UserError):
+            log.error("%s", exc[1])  # into the log file too
+            exc[1].logged = True
+        return self._log.__exit__(*exc)
+
+    def _load(self):
+        cfg, t0 = self.cfg, time.perf_counter()
+        log.info("%s on record %s (device %s)", self.method.upper(), self.folder, self.device)
+        record = self.record = load_attack_record(self.folder, trust=cfg.trust_record)
+        for key, given, actual in (("dataset", cfg.dataset, record.clean_data),
+                                   ("model", cfg.model, record.model_name)):
+            require(given is None or given == actual,
+                    f"--{key} {given} disagrees with the record, which holds {key} '{actual}': "
+                    f"drop --{key} or pick the matching record")
+        spec = self.spec = get_dataset(record.clean_data)
+        require(record.num_classes == spec.num_classes,
+                f"record says {record.num_classes} classes but {spec.name} has {spec.num_classes}")
+        channels = input_channels(record.state_dict)
+        self.model = build_model(record.model_name, record.num_classes, in_channels=channels,
+                                 image_size=spec.image_size[0])
+        load_weights(self.model, record.state_dict)
+        self.model.to(self.device)
+        self.linear_name, self.linear = find_classifier(self.model, record.num_classes,
+                                                        cfg.linear_name)
+        clean_train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
+        clean_test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
+        bd_test = backdoor_set(record.bd_test, clean_test, self.folder)
+        self.subset_index = select_subset(len(clean_train), cfg)
+        # The model decides the channel count (read from its weights); data are converted to it.
+        self.defense_data = clean_train.subset(self.subset_index).with_channels(channels)
+        self.clean_test = clean_test.with_channels(channels)
+        self.bd_test = bd_test.with_channels(channels)
+        self.defense_data, self.clean_test, self.bd_test = (
+            d.to(self.device) for d in (self.defense_data, self.clean_test, self.bd_test))
+        self.preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
+        write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
+        log.info("model %s (%d input channels, classifier '%s' %s), data %s: %d defense, "
+                 "%d clean test, %d backdoor test images", record.model_name, channels,
+                 self.linear_name, tuple(self.linear.weight.shape), spec.name,
+                 len(self.defense_data), len(self.clean_test), len(self.bd_test))
+        self.times["load"] = time.perf_counter() - t0
+
+    def evaluate(self, model=None) -> dict:
+        return backdoor_metrics(model or self.model, self.clean_test, self.bd_test,
+                                self.preprocess, self.cfg.eval_batch_size, self.cfg.amp)
+
+    def timed(self, phase: str, fn, *args):
+        """Call fn(*args), adding its wall time to the phase's total."""
+        t0 = time.perf_counter()
+        result = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+        return result
+
+    def log_epoch(self, phase: str, epoch: int, stats: dict, optimizer, model) -> None:
+        row = {"phase": phase, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+        if self.cfg.eval_every_epoch:
+            row.update(self.evaluate(model))
+        self.epochs.append(row)
+        log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in row.items()))
+
+    def original_state(self) -> dict:
+        return {k: v.to(self.device) for k, v in self.record.state_dict.items()}
+
+    def finish(self, before: dict, after: dict, details: dict) -> dict:
+        """Write defense_result.pt, summary.json, <method>_df.csv, <method>_df_summary.csv."""
+        record, cfg = self.record, self.cfg
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        save_defense_result(self.out / "defense_result.pt", model_name=record.model_name,
+                            num_classes=record.num_classes, state_dict=state)
+        self.times["total"] = time.perf_counter() - self.start
+        summary = {
+            "method": self.method, "record": str(self.folder), "dataset": record.clean_data,
+            "model": record.model_name, "classifier": self.linear_name,
+            "defense_samples": len(self.defense_data),
+            "before": before, "after": after, **details,
+            "times_s": {k: round(v, 3) for k, v in self.times.items()},
+            "config": {k: v for k, v in vars(cfg).items()},
+            "environment": environment(self.device),
+        }
+        write_json(self.out / "summary.json", summary)
+        write_csv(self.out / f"{self.method}_df.csv", self.epochs)
+        write_csv(self.out / f"{self.method}_df_summary.csv",
+                  [{"model": "backdoored", **before}, {"model": self.method, **after}])
+        log.info("%-10s %8s %8s %8s", "", "C-ACC", "ASR", "RA")
+        for name, m in (("before", before), ("after", after)):
+            log.info("%-10s %7.2f%% %7.2f%% %7.2f%%", name, 100 * m["test_acc"],
+                     100 * m["test_asr"], 100 * m["test_ra"])
+        log.info("results in %s (%.1f s)", self.out, self.times["total"])
+        return summary
+

@@ -1,0 +1,334 @@
+"""Read and write BackdoorBench attack records (`record/<name>/attack_result.pt`) safely.
+
+A record comes from whoever ran the attack, i.e. exactly the party a defender distrusts, and a
+pickle can run any code while it is read. So records are loaded with torch's weights_only unpickler
+and a scoped allowlist of the few numpy / PIL types BackdoorBench records contain; the unsafe loader
+is only used behind the explicit --trust_record opt-in. What we write is plain data (dicts, numpy
+arrays, numpy int64 keys, str/int/list/tuple, CPU tensors) so BackdoorBench and the ULRL code load
+it as is.
+See shared/reference/backdoorbench.md for the format.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import posixpath
+import re
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.data import ImageSet
+from utils.errors import UserError
+from utils.io import atomic_path, torch_save
+
+try:  # numpy 2.x; numpy 1.x only has the old spelling
+    from numpy._core import multiarray as _np_multiarray
+except ImportError:  # pragma: no cover
+    from numpy.core import multiarray as _np_multiarray
+
+log = logging.getLogger("backdoor")
+
+RECORD_FILE = "attack_result.pt"
+_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # PNG codec work is mostly zlib, which drops the GIL
+
+_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+           np.uint64, np.float16, np.float32, np.float64, np.longdouble, np.complex64,
+           np.complex128, np.str_, np.bytes_)
+# Records pickled under numpy 1.x name these functions 'numpy.core.multiarray.*', numpy 2.x
+# 'numpy._core.multiarray.*'; the (callable, name) form maps both spellings to today's function.
+_NUMPY_FUNCS = [(getattr(_np_multiarray, fn), f"{mod}.multiarray.{fn}")
+                for fn in ("_reconstruct", "scalar") for mod in ("numpy.core", "numpy._core")]
+# The concrete dtype classes are needed because unpickling a dtype ends in a BUILD on an instance of
+# e.g. numpy.dtypes.Int64DType, which weights_only checks by type. Object dtype is left out on
+# purpose.
+# PIL.Image.Image alone suffices for RAM-mode records (checked for modes 1/L/P/RGB/RGBA/I;16/F):
+# it pickles as __newobj__(Image) + __setstate__([info, mode, size, palette, raw bytes]), and
+# __setstate__ only decodes raw pixel bytes. Images that were opened from files pickle as their
+# plugin subclass (e.g. PIL.PngImagePlugin.PngImageFile), which is deliberately not allowlisted.
+SAFE_GLOBALS = [np.ndarray, np.dtype, *(type(np.dtype(t)) for t in _DTYPES), *_NUMPY_FUNCS,
+                Image.Image]
+
+# Where torch's weights_only errors name the thing they refused.
+_REFUSED = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>|unrecognized function (\S+)")
+
+
+def safe_load(path, trust: bool = False):
+    """torch.load onto the CPU; weights_only with the record allowlist unless `trust`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file {path} does not exist: check the record folder name and location")
+    try:
+        if trust:
+            log.warning("loading %s with --trust_record: unpickling may run code from whoever "
+                        "made this file", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _REFUSED.search(str(e))
+        if found and not trust:
+            name = next(g for g in found.groups() if g)
+            raise UserError(f"{path}: the record wants to run code ({name}) while loading; if you "
+                            "trust its author, rerun with --trust_record") from None
+        raise _corrupt(path, e) from None
+    except Exception as e:  # truncated zip, EOF, junk bytes: torch raises many different types
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path, e: Exception) -> UserError:
+    detail = (str(e).strip().splitlines() or [""])[0][:160]
+    return UserError(f"cannot read {path} ({type(e).__name__}: {detail}): the file is truncated "
+                     "or corrupt; copy or regenerate it")
+
+
+def strip_module_prefix(state_dict) -> dict:
+    """Drop the 'module.' prefix that DataParallel adds to every key."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v
+            for k, v in state_dict.items()}
+
+
+@dataclass
+class AttackRecord:
+    folder: Path  # record folder (where attack_result.pt is)
+    model_name: str
+    num_classes: int
+    state_dict: dict[str, torch.Tensor]  # 'module.' prefixes stripped
+    data_path: str
+    img_size: tuple[int, int, int]  # (H, W, C)
+    clean_data: str
+    bd_train: dict | None  # raw dataset state, see backdoor_set
+    bd_test: dict
+
+
+def _need(ok: bool, where, key: str, what: str) -> None:
+    if not ok:
+        raise UserError(f"{where}: '{key}' {what}; the record is damaged or not a BackdoorBench "
+                        "attack record")
+
+
+def _as_int(value):
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return int(value) if is_int else None
+
+
+def _check_state_dict(sd, where, key: str) -> dict:
+    _need(isinstance(sd, Mapping) and len(sd) > 0, where, key, "must be a non-empty state dict")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    _need(not bad, where, key, f"must map names to tensors (bad entry {bad[:1]})")
+    return strip_module_prefix(sd)
+
+
+def _check_state(state, where, key: str) -> None:
+    """A dataset state must have the fields backdoor_set reads, with usable types."""
+    _need(isinstance(state, Mapping), where, key, "must be a dataset state dict")
+    for field in ("original_index_array", "poison_indicator", "bd_data_container"):
+        _need(field in state, where, f"{key}.{field}", "is missing")
+    for field, kinds in (("original_index_array", "iu"), ("poison_indicator", "iubf")):
+        arr = np.asarray(state[field])
+        _need(arr.ndim == 1 and (arr.dtype.kind in kinds or arr.size == 0), where,
+              f"{key}.{field}", "must be a 1-D numeric array")
+    container = state["bd_data_container"]
+    _need(isinstance(container, Mapping) and isinstance(container.get("data_dict"), Mapping),
+          where, f"{key}.bd_data_container.data_dict", "must be a dict")
+
+
+def load_attack_record(folder, trust: bool = False) -> AttackRecord:
+    folder = Path(folder)
+    if folder.name == RECORD_FILE and folder.is_file():  # also accept the .pt path itself
+        folder = folder.parent
+    file = folder / RECORD_FILE
+    rec = safe_load(file, trust=trust)
+    _need(isinstance(rec, Mapping), file, "attack_result", "must be a dict")
+    for key in ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data",
+                "bd_test"):
+        _need(key in rec, file, key, "is missing")
+    for key in ("model_name", "data_path", "clean_data"):
+        _need(isinstance(rec[key], str) and rec[key] != "", file, key, "must be a non-empty string")
+    num_classes = _as_int(rec["num_classes"])
+    _need(num_classes is not None and num_classes > 1, file, "num_classes", "must be an int > 1")
+    size = rec["img_size"]
+    size = tuple(_as_int(s) for s in size) if isinstance(size, (tuple, list)) else ()
+    _need(len(size) == 3 and all(s is not None and s > 0 for s in size), file, "img_size",
+          "must be (H, W, C) positive ints")
+    _check_state(rec["bd_test"], file, "bd_test")
+    bd_train = rec.get("bd_train")  # BackdoorBench writes None when it did not keep it
+    if bd_train is not None:
+        _check_state(bd_train, file, "bd_train")
+    return AttackRecord(folder=folder, model_name=rec["model_name"], num_classes=num_classes,
+                        state_dict=_check_state_dict(rec["model"], file, "model"),
+                        data_path=rec["data_path"], img_size=size, clean_data=rec["clean_data"],
+                        bd_train=bd_train, bd_test=rec["bd_test"])
+
+
+def _resolve_png(path: str, folder: Path) -> Path:
+    """A data_dict path -> the file inside this record folder. BackdoorBench stores paths relative
+    to its own root ('./record/<name>/bd_test_dataset/0/7.png'); the record may since have been
+    renamed or moved, so the 'record/<name>/' head is dropped and the rest joined to the folder.
+    Every candidate is the folder joined with a '..'-free path, so nothing outside it is read
+    (except an absolute path that exists, which the record's author may have written)."""
+    p = str(path).replace("\\", "/")
+    if os.path.isabs(p):
+        if ".." in p.split("/"):
+            raise UserError(f"record {folder}: image path {path} contains '..'; the record is "
+                            "damaged or malicious")
+        if os.path.isfile(p):
+            return Path(p)
+    rel = posixpath.normpath(p.lstrip("/"))
+    if rel == ".." or rel.startswith("../"):
+        raise UserError(f"record {folder}: image path {path} points outside the record folder; "
+                        "the record is damaged or malicious")
+    parts = rel.split("/")
+    tails = [parts[2:]] if parts[0] == "record" and len(parts) > 2 else []
+    tails.append(parts)
+    # Nested record names ('./record/a/b/bd_test_dataset/...'): anchor at the split folder.
+    tails += [parts[i:] for i, part in enumerate(parts) if part.endswith("_dataset")][:1]
+    for tail in tails:
+        candidate = folder.joinpath(*tail)
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"image {folder.joinpath(*tails[0])} (stored as {path}) is missing: copy the "
+                    "record's bd_*_dataset folders along with attack_result.pt")
+
+
+def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
+    """A BackdoorBench dataset state as an ImageSet, in original_index_array order: poisoned items
+    come from the record's container, the others from `clean` at the same index."""
+    folder = Path(record_folder)
+    _check_state(state, folder, "dataset state")
+    order = np.asarray(state["original_index_array"]).astype(np.int64)
+    indicator = np.asarray(state["poison_indicator"])
+    n_clean, channels, height, width = clean.images.shape
+    if order.size and (order.min() < 0 or order.max() >= min(n_clean, len(indicator))):
+        raise UserError(f"record {folder}: original_index_array points outside the clean data "
+                        f"({n_clean} samples): the record was made on a different data set")
+    if channels not in (1, 3):
+        raise UserError(f"clean images have {channels} channels; records need 1 or 3")
+    mode = "L" if channels == 1 else "RGB"
+    data = {int(k): v for k, v in state["bd_data_container"]["data_dict"].items()}
+
+    idx = torch.from_numpy(order)
+    images = clean.images[idx].clone()
+    labels = clean.labels[idx].clone()
+    true_labels = labels.clone()
+    poisoned = torch.from_numpy(indicator[order] == 1)
+
+    def decode(index: int):
+        _need(index in data, folder, f"data_dict[{index}]", "is missing for a poisoned sample")
+        item = data[index]
+        if isinstance(item, Mapping) and "path" in item:  # disk mode
+            where = _resolve_png(item["path"], folder)
+            info = item.get("other_info")
+            try:
+                with Image.open(where) as im:
+                    img = im.convert(mode)
+            except OSError as e:
+                raise UserError(f"cannot decode image {where} ({e}): the record is "
+                                "damaged") from None
+        elif isinstance(item, (tuple, list)) and len(item) >= 3:  # RAM mode
+            where, info = f"data_dict[{index}]", item[1:3]
+            img = item[0]
+            img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+            _need(isinstance(img, Image.Image), folder, where, "must hold a PIL image")
+            img = img.convert(mode)
+        else:
+            raise UserError(f"record {folder}: data_dict[{index}] is neither (image, label, label) "
+                            "nor {'path', 'other_info'}; the record is damaged")
+        if img.size != (width, height):
+            raise UserError(f"record {folder}: image {where} is {img.size[0]}x{img.size[1]} but "
+                            f"the clean data are {width}x{height}: pick the data set the record "
+                            "was made on")
+        _need(isinstance(info, (tuple, list)) and len(info) >= 2, folder, f"{where} labels",
+              "must be [backdoor_label, original_label]")
+        return np.array(img), int(info[0]), int(info[1])  # a writable copy for torch
+
+    where_poisoned = torch.nonzero(poisoned).flatten().tolist()
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        decoded = pool.map(decode, (int(order[i]) for i in where_poisoned))
+        for i, (arr, bd_label, true_label) in zip(where_poisoned, decoded):
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+            images[i] = torch.from_numpy(arr).permute(2, 0, 1)
+            labels[i], true_labels[i] = bd_label, true_label
+    return ImageSet(images, labels, true_labels, poisoned, idx.clone())
+
+
+def dataset_state(bd: ImageSet, full_length: int, record_name: str, split: str,
+                  record_folder, mode: str = "disk") -> dict:
+    """BackdoorBench's retrieve_state() for `bd` (inverse of backdoor_set). Disk mode writes each
+    poisoned image to <record_folder>/<split>_dataset/<true_label>/<index>.png."""
+    if split not in ("bd_train", "bd_test") or mode not in ("disk", "ram"):
+        raise ValueError(f"split must be bd_train/bd_test and mode disk/ram, got {split}, {mode}")
+    if bd.index is None or bd.poisoned is None or bd.channels not in (1, 3):
+        raise ValueError("dataset_state needs index and poisoned, and 1- or 3-channel images")
+    order = bd.index.cpu().numpy().astype(np.int64)
+    flags = bd.poisoned.cpu().numpy().astype(bool)
+    indicator = np.zeros(full_length, dtype=np.float64)
+    indicator[order[flags]] = 1.0
+    true_labels = bd.true_labels if bd.true_labels is not None else bd.labels
+    save_path = f"./record/{record_name}/{split}_dataset" if mode == "disk" else None
+
+    def entry(i: int):
+        index, bd_label, true_label = int(order[i]), int(bd.labels[i]), int(true_labels[i])
+        arr = bd.images[i].cpu().permute(1, 2, 0).numpy()
+        img = Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))
+        if mode == "ram":
+            return np.int64(index), (img, bd_label, true_label)
+        rel = f"{split}_dataset/{true_label}/{index}.png"
+        with atomic_path(Path(record_folder) / rel) as tmp:
+            img.save(tmp, format="PNG")
+        return np.int64(index), {"path": f"./record/{record_name}/{rel}",
+                                 "other_info": [bd_label, true_label]}
+
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        data_dict = dict(pool.map(entry, np.flatnonzero(flags).tolist()))
+    return {"bd_data_container": {"save_folder_path": save_path, "data_dict": data_dict,
+                                  "save_file_format": ".png"},
+            "getitem_all": True, "getitem_all_switch": False,
+            "original_index_array": order, "poison_indicator": indicator,
+            "save_folder_path": save_path}
+
+
+def _cpu_state(state_dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
+
+
+def save_attack_record(folder, *, model_name, num_classes, state_dict, clean_data, img_size,
+                       bd_train: ImageSet | None, bd_test: ImageSet, train_length: int,
+                       test_length: int, mode: str = "disk", record_name: str | None = None) -> Path:
+    """Write a record BackdoorBench can load: PNG trees first, then attack_result.pt atomically.
+    record_name (default: the folder's name) is the name the PNG paths carry, for a record built in
+    a temporary folder and renamed into place."""
+    folder = Path(folder)
+    name = record_name or folder.name
+    train = None if bd_train is None else dataset_state(bd_train, train_length, name, "bd_train",
+                                                        folder, mode)
+    test = dataset_state(bd_test, test_length, name, "bd_test", folder, mode)
+    path = folder / RECORD_FILE
+    torch_save(path, {"model_name": str(model_name), "num_classes": int(num_classes),
+                      "model": _cpu_state(state_dict), "data_path": f"./data/{clean_data}",
+                      "img_size": tuple(int(s) for s in img_size), "clean_data": str(clean_data),
+                      "bd_train": train, "bd_test": test})
+    return path
+
+
+def save_defense_result(path, *, model_name, num_classes, state_dict) -> None:
+    torch_save(path, {"model_name": str(model_name), "num_classes": int(num_classes),
+                      "model": _cpu_state(state_dict)})
+
+
+def load_defense_result(path, trust: bool = False) -> dict:
+    """{model_name, num_classes, model} with the model's 'module.' prefixes stripped."""
+    result = safe_load(path, trust=trust)
+    _need(isinstance(result, Mapping), path, "defense_result", "must be a dict")
+    for key in ("model_name", "num_classes", "model"):
+        _need(key in result, path, key, "is missing")
+    num_classes = _as_int(result["num_classes"])
+    _need(num_classes is not None and num_classes > 1, path, "num_classes", "must be an int > 1")
+    return {**result, "num_classes": num_classes,
+            "model": _check_state_dict(result["model"], path, "model")}

@@ -1,0 +1,124 @@
+"""Training and evaluation loops shared by every attack and defense.
+
+Data are device-resident uint8 tensors (`ImageSet`); a batch is indexed, converted, augmented and
+normalized on the device. One forward per training step; evaluation runs under inference_mode with
+large batches; bf16 autocast on CUDA only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from utils.data import ImageSet, Preprocess
+from utils.errors import UserError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device '{name}': use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available: use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Batches:
+    """Mini-batches of a device-resident ImageSet: a seeded shuffle per epoch, augmentation on
+    tensors. Yields (inputs, labels, batch_indices)."""
+
+    def __init__(self, data: ImageSet, preprocess: Preprocess, batch_size: int, *, shuffle: bool,
+                 augment: bool, seed: int = 0):
+        self.data, self.preprocess = data, preprocess
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.data.images.device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.preprocess(self.data.images[idx], augment=self.augment, generator=self.generator)
+            yield x, self.data.labels[idx], idx
+
+
+def train_epoch(model, batches: Batches, optimizer, loss_fn: Callable, *, ascent: bool = False,
+                clip_norm: float | None = None, amp: bool = True, progress=None) -> dict:
+    """One pass over `batches`. loss_fn(logits, labels) -> scalar loss. With ascent=True the loss is
+    maximized (gradient ascent). Returns the mean loss and the running accuracy of the epoch's
+    train-mode predictions (taken from the same forward, so it costs nothing extra)."""
+    model.train()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y, _ in batches:
+        with autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise UserError(f"training loss became {loss.item()} (not finite): lower the learning "
+                            "rate or check the record's weights")
+        optimizer.zero_grad(set_to_none=True)
+        (-loss if ascent else loss).backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if progress is not None:
+            progress.update(1)
+    return {"loss": total_loss.item() / seen, "train_acc": correct.item() / seen}
+
+
+def cross_entropy(logits, labels):
+    return F.cross_entropy(logits, labels)
+
+
+@torch.inference_mode()
+def predict(model, data: ImageSet, preprocess: Preprocess, batch_size: int = 1024,
+            amp: bool = True) -> torch.Tensor:
+    """Predicted class of every image, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(data), batch_size):
+        x = preprocess(data.images[start:start + batch_size].to(device))
+        with autocast(device, amp):
+            preds.append(model(x).argmax(1))
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
+
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return (pred == labels.to(pred.device)).float().mean().item() if len(labels) else float("nan")
+
+
+def backdoor_metrics(model, clean_test: ImageSet, bd_test: ImageSet, preprocess: Preprocess,
+                     batch_size: int = 1024, amp: bool = True) -> dict:
+    """BackdoorBench's metrics: C-ACC on the clean test set, ASR = share of backdoor test samples
+    predicted as the backdoor label, RA = share predicted as their true class."""
+    clean_pred = predict(model, clean_test, preprocess, batch_size, amp)
+    bd_pred = predict(model, bd_test, preprocess, batch_size, amp)
+    return {"test_acc": accuracy(clean_pred, clean_test.labels),
+            "test_asr": accuracy(bd_pred, bd_test.labels),
+            "test_ra": accuracy(bd_pred, bd_test.true_labels)}
