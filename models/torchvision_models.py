@@ -2,7 +2,10 @@
 
 - `resnet18`: classifier `fc`; another input channel count replaces the stem conv `conv1`.
 - `vgg19_bn`: classifier `classifier.6`; another input channel count replaces `features.0`.
-  torchvision's AdaptiveAvgPool2d(7) lets it run on 28x28 and 32x32 inputs.
+  Its five 2x2 max-pools use ceil_mode=True: identical output for even sizes (32, 64, 224), and
+  28x28 inputs work too (28-14-7-4-2-1 instead of failing on the fifth pool of a 1x1 map);
+  AdaptiveAvgPool2d(7) then feeds the classifier. No parameter changes, so state dicts are as
+  torchvision's.
 - `vit_b_16`: BackdoorBench's form `Sequential(Resize((224, 224)), vit_b_16)` with a new head, so
   state-dict keys start with `1.` and the classifier is `1.heads.head`; another input channel count
   replaces the patch embedding `1.conv_proj`.
@@ -34,6 +37,9 @@ def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
 @register_model("vgg19_bn")
 def vgg19_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     model = torchvision.models.vgg19_bn(weights=None, num_classes=num_classes)
+    for layer in model.features:
+        if isinstance(layer, nn.MaxPool2d):
+            layer.ceil_mode = True
     if in_channels != 3:
         conv = _same_conv(model.features[0], in_channels)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")

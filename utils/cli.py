@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.io import publish
 
 log = logging.getLogger("backdoor")
 
@@ -57,7 +58,7 @@ def log_file(path):
     finally:
         log.removeHandler(handler)
         handler.close()
-        os.replace(tmp, path)
+        publish(tmp, path)
 
 
 def progress(total: int, desc: str):

@@ -14,6 +14,15 @@ import torch
 
 from utils.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def publish(tmp, path) -> None:
+    """Rename a finished temporary file into place, with normal permissions (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+
 
 @contextmanager
 def atomic_path(path):
@@ -28,7 +37,7 @@ def atomic_path(path):
                         "or fix its permissions") from e
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
