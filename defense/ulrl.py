@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.cli import log, main_guard, progress  # noqa: E402
+from utils.cli import log, main_guard, progress, require  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import Batches, cross_entropy, train_epoch  # noqa: E402
@@ -150,8 +150,21 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
+def check_config(cfg) -> None:
+    for key, ok, rule in (("unlearning_epochs", cfg.unlearning_epochs >= 1, ">= 1"),
+                          ("relearn_epochs", cfg.relearn_epochs >= 0, ">= 0"),
+                          ("unlearning_lr", cfg.unlearning_lr > 0, "> 0"),
+                          ("relearn_lr", cfg.relearn_lr > 0, "> 0"),
+                          ("clean_threshold", 0 <= cfg.clean_threshold <= 1, "in [0, 1]"),
+                          ("tau", cfg.tau > 0, "> 0"), ("ht", cfg.ht >= 0, ">= 0"),
+                          ("alpha", cfg.alpha >= 0, ">= 0"),
+                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
+        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
+    check_config(cfg)
     with DefenseRun(cfg, "ulrl") as run:
         model, linear = run.model, run.linear
         before = run.timed("evaluation", run.evaluate)

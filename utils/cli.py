@@ -35,10 +35,16 @@ def main_guard(main):
 
 
 def setup_console_logging() -> None:
+    """Progress to stdout, warnings and errors to stderr (so stderr holds only what went wrong)."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        info = logging.StreamHandler(sys.stdout)
+        info.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems = logging.StreamHandler(sys.stderr)
+        problems.setLevel(logging.WARNING)
+        for handler in (info, problems):
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
 

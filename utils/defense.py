@@ -86,7 +86,7 @@ class DefenseRun:
         try:
             self._load()
         except BaseException as e:
-            self._log.__exit__(type(e), e, e.__traceback__)
+            self.__exit__(type(e), e, e.__traceback__)
             raise
         return self
 

@@ -1,0 +1,108 @@
+"""Bad input ends in one clear error line (exit code 2) and leaves no result behind."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+from utils.data import ImageSet
+from utils.record import save_attack_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ulrl(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "defense/ulrl.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def error_line(done) -> str:
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr  # exactly one line, no traceback
+    return lines[0]
+
+
+def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
+    torch.manual_seed(0)
+    if state_dict is None:
+        state_dict = build_model("smallcnn", 10, in_channels=1, image_size=28).state_dict()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([1, 2, 3, 4])
+    bd_test = ImageSet(images, torch.zeros(4, dtype=torch.long), labels,
+                       torch.ones(4, dtype=torch.bool), torch.arange(4))
+    save_attack_record(folder, model_name=model_name, num_classes=10, state_dict=state_dict,
+                       clean_data="fashion_mnist", img_size=(28, 28, 1), bd_train=None,
+                       bd_test=bd_test, train_length=60000, test_length=10000)
+    return folder
+
+
+def test_missing_record(tmp_path):
+    line = error_line(ulrl("--result_file", "nope", "--record_dir", tmp_path))
+    assert "no attack record" in line and "nope" in line
+
+
+def test_result_file_required():
+    assert "--result_file is required" in error_line(ulrl())
+
+
+def test_dataset_or_model_disagreeing_with_the_record(tmp_path):
+    tiny_record(tmp_path / "r")
+    line = error_line(ulrl("--result_file", "r", "--record_dir", tmp_path, "--dataset", "cifar10"))
+    assert "--dataset cifar10 disagrees with the record" in line and "fashion_mnist" in line
+    line = error_line(ulrl("--result_file", "r", "--record_dir", tmp_path, "--model", "vgg19_bn"))
+    assert "--model vgg19_bn disagrees" in line and "smallcnn" in line
+    assert not (tmp_path / "r/defense/ulrl/defense_result.pt").exists()
+
+
+def test_unknown_model_name_in_record(tmp_path):
+    tiny_record(tmp_path / "r", model_name="resnet9000")
+    line = error_line(ulrl("--result_file", "r", "--record_dir", tmp_path))
+    assert "resnet9000" in line and "preactresnet18" in line
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_malicious_record_refused_without_running_it(tmp_path):
+    pwned = tmp_path / "pwned"
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"model_name": "smallcnn", "model": Payload(pwned)}, folder / "attack_result.pt")
+    line = error_line(ulrl("--result_file", "evil", "--record_dir", tmp_path))
+    assert "system" in line and "--trust_record" in line
+    assert not pwned.exists()
+
+
+def test_unwritable_output_folder(tmp_path):
+    tiny_record(tmp_path / "r")
+    (tmp_path / "r/defense").write_text("a file where the output folder should be")
+    line = error_line(ulrl("--result_file", "r", "--record_dir", tmp_path))
+    assert "not writable" in line and "defense" in line
+
+
+def test_nan_weights_stop_with_a_clear_error_and_no_result(tmp_path):
+    state = build_model("smallcnn", 10, in_channels=1, image_size=28).state_dict()
+    state["linear.weight"][:] = float("nan")
+    tiny_record(tmp_path / "r", state_dict=state)
+    done = ulrl("--result_file", "r", "--record_dir", tmp_path, "--ratio", "0.002")
+    assert done.returncode == 2, done.stderr
+    assert "not finite" in done.stderr and "Traceback" not in done.stderr
+    out = tmp_path / "r/defense/ulrl"
+    assert not (out / "defense_result.pt").exists() and not (out / "summary.json").exists()
+    assert "not finite" in (out / "ulrl.log").read_text()  # the log of the failed run is kept
+
+
+@pytest.mark.parametrize("bad", ["--ratio 0", "--index /does/not/exist"])
+def test_bad_subset_options(tmp_path, bad):
+    tiny_record(tmp_path / "r")
+    line = error_line(ulrl("--result_file", "r", "--record_dir", tmp_path, *bad.split()))
+    assert bad.split()[0] in line or "index file" in line
