@@ -7,7 +7,8 @@
 # The yaml is picked per record from config/defense/ulrl/<dataset>.yaml unless --yaml_path is among
 # the extra arguments. Records that already have results are skipped unless --force.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 force=0; record_dir=record; patterns=(); extra=()
 while [ $# -gt 0 ]; do
@@ -28,24 +29,25 @@ for a in "${extra[@]+"${extra[@]}"}"; do [ "$a" = "--yaml_path" ] && has_yaml=1;
 shopt -s nullglob
 failed=0; ran=0
 for pattern in "${patterns[@]}"; do
-  matches=("$record_dir"/$pattern/attack_result.pt)
+  matches=()
+  for pt in "$record_dir"/$pattern/attack_result.pt; do [ -f "$pt" ] && matches+=("$pt"); done
   [ ${#matches[@]} -gt 0 ] || { echo "$pattern: no record matches in $record_dir/"; failed=$((failed + 1)); continue; }
   for pt in "${matches[@]}"; do
     name=$(basename "$(dirname "$pt")")
     out="$record_dir/$name/defense/ulrl/summary.json"
     if [ -f "$out" ] && [ $force -eq 0 ]; then
-      echo "$(python3 -m utils.report "$out")  (existing; --force reruns)"; continue
+      echo "$(python3 "$ROOT/utils/report.py" "$out")  (existing; --force reruns)"; continue
     fi
     yaml=()
     if [ $has_yaml -eq 0 ]; then
       dataset=$(python3 -c "import sys; from utils.record import load_attack_record as l; print(l(sys.argv[1]).clean_data)" "$record_dir/$name" 2>/dev/null)
-      [ -f "config/defense/ulrl/$dataset.yaml" ] && yaml=(--yaml_path "config/defense/ulrl/$dataset.yaml")
+      [ -f "$ROOT/config/defense/ulrl/$dataset.yaml" ] && yaml=(--yaml_path "$ROOT/config/defense/ulrl/$dataset.yaml")
     fi
     log="$record_dir/$name/defense/ulrl_run.txt"
     mkdir -p "$record_dir/$name/defense"
-    if python3 defense/ulrl.py --result_file "$name" --record_dir "$record_dir" "${yaml[@]+"${yaml[@]}"}" \
+    if python3 "$ROOT/defense/ulrl.py" --result_file "$name" --record_dir "$record_dir" "${yaml[@]+"${yaml[@]}"}" \
          "${extra[@]+"${extra[@]}"}" > "$log" 2>&1; then
-      python3 -m utils.report "$out"; ran=$((ran + 1))
+      python3 "$ROOT/utils/report.py" "$out"; ran=$((ran + 1))
     else
       echo "$name: FAILED: $(grep -m1 -E 'ERROR|error:' "$log" || tail -n 1 "$log")"; failed=$((failed + 1))
     fi

@@ -103,3 +103,16 @@ def test_three_channel_model_for_grey_data(record_dir):
     for key in ("test_acc", "test_asr", "test_ra"):
         assert summary["before"][key] == pytest.approx(grey[key], abs=2e-4)
     assert "3 input channels" in (folder / "defense/ulrl/ulrl.log").read_text()
+
+
+def test_many_records_script_skips_finished_and_reports_missing(record_dir):
+    if not (record_dir / "badnet_fm/defense/ulrl/summary.json").exists():
+        ulrl(record_dir, "badnet_fm")
+    done = subprocess.run(["bash", str(ROOT / "sh/ulrl_many.sh"), "--record_dir", str(record_dir),
+                           "badnet_f*", "missing_record"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1  # one pattern matched nothing
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("badnet_fm ") and "(existing" in line and "ASR" in line
+               for line in lines), done.stdout
+    assert any(line.startswith("missing_record: no record matches") for line in lines)

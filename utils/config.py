@@ -89,8 +89,7 @@ def load_yaml(path, options: dict[str, Option]) -> dict:
 
 
 def parse_config(options: dict[str, Option], description: str, argv=None) -> SimpleNamespace:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--yaml_path", help="yaml file of defaults; the command line overrides it")
     for key, option in options.items():
         kind = option.value_type
