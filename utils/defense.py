@@ -126,7 +126,6 @@ class DefenseRun:
         self.defense_data, self.clean_test, self.bd_test = (
             d.to(self.device) for d in (self.defense_data, self.clean_test, self.bd_test))
         self.preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
-        write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         log.info("model %s (%d input channels, classifier '%s' %s), data %s: %d defense, "
                  "%d clean test, %d backdoor test images", record.model_name, channels,
                  self.linear_name, tuple(self.linear.weight.shape), spec.name,
@@ -161,6 +160,7 @@ class DefenseRun:
         """Write defense_result.pt, summary.json, <method>_df.csv, <method>_df_summary.csv."""
         record, cfg = self.record, self.cfg
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         save_defense_result(self.out / "defense_result.pt", model_name=record.model_name,
                             num_classes=record.num_classes, state_dict=state)
         self.times["total"] = time.perf_counter() - self.start
