@@ -1,0 +1,22 @@
+"""Small records for tests that need a record but not a trained model."""
+from pathlib import Path
+
+import torch
+
+from models import build_model
+from utils.data import ImageSet
+from utils.record import save_attack_record
+
+
+def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
+    torch.manual_seed(0)
+    if state_dict is None:
+        state_dict = build_model("smallcnn", 10, in_channels=1, image_size=28).state_dict()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([1, 2, 3, 4])
+    bd_test = ImageSet(images, torch.zeros(4, dtype=torch.long), labels,
+                       torch.ones(4, dtype=torch.bool), torch.arange(4))
+    save_attack_record(folder, model_name=model_name, num_classes=10, state_dict=state_dict,
+                       clean_data="fashion_mnist", img_size=(28, 28, 1), bd_train=None,
+                       bd_test=bd_test, train_length=60000, test_length=10000)
+    return folder

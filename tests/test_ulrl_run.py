@@ -1,0 +1,28 @@
+"""ULRL's reporting when nothing is flagged: never a silent fallback to fine-tuning."""
+import json
+
+import pytest
+
+from defense.ulrl import main
+from tests.helpers import tiny_record
+
+
+@pytest.mark.parametrize("action", ["stop", "top", "finetune"])
+def test_no_flagged_neuron_is_reported_and_handled(tmp_path, action):
+    tiny_record(tmp_path / "r")
+    main(["--result_file", "r", "--record_dir", str(tmp_path), "--ratio", "0.002", "--tau", "1e9",
+          "--unlearning_epochs", "1", "--relearn_epochs", "1", "--no_flag_action", action])
+    out = tmp_path / "r/defense/ulrl"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identification"]["outliers"] == []
+    assert summary["no_flag_action"] == action
+    assert "no neuron was flagged" in (out / "ulrl.log").read_text()
+    flagged = [f["neuron"] for f in summary["flagged_neurons"]]
+    if action == "stop":  # the original model is kept as it is
+        assert summary["after"] == summary["before"] and summary["relearning"]["epochs"] == 0
+        assert flagged == []
+    elif action == "top":  # the ht largest scores are reinitialized anyway
+        scores = summary["identification"]["scores"]
+        assert flagged == sorted(range(10), key=lambda j: -scores[j])[:2]
+    else:
+        assert flagged == [] and summary["relearning"]["epochs"] == 1
