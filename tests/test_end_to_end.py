@@ -116,3 +116,19 @@ def test_many_records_script_skips_finished_and_reports_missing(record_dir):
     assert any(line.startswith("badnet_fm ") and "(existing" in line and "ASR" in line
                for line in lines), done.stdout
     assert any(line.startswith("missing_record: no record matches") for line in lines)
+
+
+def test_fast_path_agrees_with_the_plain_dataloader_path(record_dir):
+    """Guard for the fast path: device-resident tensors with batch augmentation vs a per-sample
+    torchvision DataLoader (the public code's way). Same seed, same shuffles; the crops and flips
+    come from different random streams, so metrics agree within tolerances, not bit for bit:
+    the same flagged neurons, C-ACC within 1.5 points, ASR within 2 points and below 10 %."""
+    tensor = ulrl(record_dir, "badnet_fm")
+    plain = ulrl(record_dir, "badnet_fm", "--loader", "dataloader")
+    assert plain["config"]["loader"] == "dataloader"
+    assert [f["neuron"] for f in plain["flagged_neurons"]] == \
+        [f["neuron"] for f in tensor["flagged_neurons"]]
+    assert plain["before"] == tensor["before"]  # evaluation does not depend on the loader
+    assert abs(plain["after"]["test_acc"] - tensor["after"]["test_acc"]) <= 0.015
+    assert abs(plain["after"]["test_asr"] - tensor["after"]["test_asr"]) <= 0.02
+    assert plain["after"]["test_asr"] < 0.10

@@ -16,14 +16,15 @@ import torch
 
 from models import build_model
 from utils.cli import environment, log, log_file, progress, require, seed_everything, \
-    setup_console_logging
+    set_threads, setup_console_logging
 from utils.config import Option
 from utils.data import ImageSet, Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.io import write_csv, write_json
 from utils.record import save_attack_record
-from utils.train import Batches, backdoor_metrics, cross_entropy, resolve_device, train_epoch
+from utils.train import Batches, backdoor_metrics, cross_entropy, eval_batch_size, \
+    resolve_device, to_device, train_epoch
 
 ATTACK_OPTIONS = {
     "dataset": Option("cifar10", "clean data set to poison"),
@@ -41,7 +42,7 @@ ATTACK_OPTIONS = {
     "lr": Option(0.01, "SGD learning rate (CosineAnnealingLR over the epochs)"),
     "momentum": Option(0.9, "SGD momentum"),
     "weight_decay": Option(5e-4, "SGD weight decay"),
-    "eval_batch_size": Option(1024, "evaluation batch size"),
+    "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)"),
     "device": Option(None, "cpu, cuda or cuda:N; default cuda when available, else cpu", str),
     "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
     "seed": Option(0, "seed for the poisoned subset, model initialization and training"),
@@ -69,6 +70,7 @@ def poison_split(data: ImageSet, chosen: torch.Tensor, target: int, poison: Call
 def run_attack(cfg, attack: str, poison: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     setup_console_logging()
     seed_everything(cfg.seed)
+    set_threads()
     device = resolve_device(cfg.device)
     name = cfg.save_folder_name or f"{attack}_{cfg.dataset}_{cfg.model}"
     final = Path(cfg.record_dir) / name
@@ -118,7 +120,8 @@ def _attack(cfg, attack, poison, spec, device, name, work: Path) -> dict:
              attack, spec.name, cfg.model, n_poison, len(train_part), len(bd_test))
 
     model = build_model(cfg.model, spec.num_classes, in_channels=spec.image_size[2],
-                        image_size=spec.image_size[0], weights_path=cfg.pretrained).to(device)
+                        image_size=spec.image_size[0], weights_path=cfg.pretrained)
+    to_device(model, device)
     preprocess = Preprocess(spec.mean, spec.std, spec.image_size[2], hflip=spec.hflip)
     batches = Batches(bd_train.to(device), preprocess, cfg.batch_size, shuffle=True, augment=True,
                       seed=cfg.seed)
@@ -132,7 +135,7 @@ def _attack(cfg, attack, poison, spec, device, name, work: Path) -> dict:
             stats = train_epoch(model, batches, optimizer, cross_entropy, amp=cfg.amp,
                                 progress=bar)
             metrics = backdoor_metrics(model, clean_test, bd_test_dev, preprocess,
-                                       cfg.eval_batch_size, cfg.amp)
+                                       eval_batch_size(cfg.eval_batch_size, device), cfg.amp)
             rows.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                          "train_epoch_loss_avg_over_batch": stats["loss"],
                          "train_acc": stats["train_acc"], **metrics})

@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -76,6 +77,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_threads(threads: int = 0) -> int:
+    """torch's CPU threads: `threads`, or the cores this process may run on (torch's own default
+    counts the host's cores, which oversubscribes a container limited to fewer)."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def peak_memory_mib(device: torch.device) -> dict:
+    """Peak resident host memory of this process and, on CUDA, peak allocated GPU memory."""
+    peak = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB
+    if device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
 
 
 def environment(device: torch.device) -> dict:

@@ -91,7 +91,9 @@ class Preprocess:
         if augment:
             x = self.augment(x, generator)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return x.sub_(mean).div_(std)
+        x = x.sub_(mean).div_(std)
+        # channels_last matches the model's layout on CUDA (utils.train.to_device); CPU keeps NCHW
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         n, c, h, w = x.shape

@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 
 from models import build_model, find_classifier, input_channels, load_weights
-from utils.cli import environment, log, log_file, require, seed_everything, setup_console_logging
+from utils.cli import environment, log, log_file, peak_memory_mib, require, seed_everything, \
+    set_threads, setup_console_logging
 from utils.config import Option
 from utils.data import Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.io import check_writable, write_csv, write_json, write_text
 from utils.record import backdoor_set, load_attack_record, save_defense_result
-from utils.train import backdoor_metrics, resolve_device
+from utils.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, to_device
 
 DEFENSE_OPTIONS = {
     "result_file": Option(None, "record folder name under --record_dir (required)", str),
@@ -25,14 +26,20 @@ DEFENSE_OPTIONS = {
     "model": Option(None, "model; optional, must agree with the record's model_name", str),
     "dataset_path": Option("./data", "folder holding the clean data sets (<dataset_path>/<name>)"),
     "device": Option(None, "cpu, cuda or cuda:N; default cuda when available, else cpu", str),
+    "threads": Option(0, "CPU threads for torch (0: the cores this process may use)"),
     "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization"),
     "ratio": Option(0.01, "share of the clean training set used as defense data"),
     "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str),
     "batch_size": Option(128, "training batch size"),
-    "eval_batch_size": Option(1024, "evaluation batch size"),
+    "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)"),
     "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
                           str),
     "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
+    "compile": Option(False, "torch.compile the model (pays a one-off compile time)"),
+    "loader": Option("tensor", "how training batches are made: 'tensor' (device-resident data, "
+                               "augmentation on tensors) or 'dataloader' (a plain per-sample "
+                               "torch DataLoader, the reference the fast path is checked against)",
+                     choices=("tensor", "dataloader")),
     "eval_every_epoch": Option(False, "evaluate the full clean and backdoor test sets after every "
                                       "epoch (the public code's schedule; slow)"),
     "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
@@ -78,6 +85,7 @@ class DefenseRun:
                 "--record_dir (records live in record/<name>/attack_result.pt)")
         self.out = check_writable(self.folder / "defense" / method)
         self.device = resolve_device(cfg.device)
+        set_threads(cfg.threads)
         seed_everything(cfg.seed)
 
     def __enter__(self):
@@ -112,7 +120,9 @@ class DefenseRun:
         self.model = build_model(record.model_name, record.num_classes, in_channels=channels,
                                  image_size=spec.image_size[0])
         load_weights(self.model, record.state_dict)
-        self.model.to(self.device)
+        to_device(self.model, self.device)
+        if cfg.compile:
+            self.model.compile()  # in place: parameter names and the classifier stay the same
         self.linear_name, self.linear = find_classifier(self.model, record.num_classes,
                                                         cfg.linear_name)
         clean_train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
@@ -132,9 +142,20 @@ class DefenseRun:
                  len(self.defense_data), len(self.clean_test), len(self.bd_test))
         self.times["load"] = time.perf_counter() - t0
 
+    def batches(self, augment: bool = True):
+        """Shuffled, augmented mini-batches of the defense subset (same loader for every phase)."""
+        cfg = self.cfg
+        if cfg.loader == "dataloader":
+            from utils.loader import DataLoaderBatches
+            return DataLoaderBatches(self.defense_data, self.preprocess, cfg.batch_size,
+                                     shuffle=True, augment=augment, seed=cfg.seed)
+        return Batches(self.defense_data, self.preprocess, cfg.batch_size, shuffle=True,
+                       augment=augment, seed=cfg.seed)
+
     def evaluate(self, model=None) -> dict:
         return backdoor_metrics(model or self.model, self.clean_test, self.bd_test,
-                                self.preprocess, self.cfg.eval_batch_size, self.cfg.amp)
+                                self.preprocess, eval_batch_size(self.cfg.eval_batch_size,
+                                                                 self.device), self.cfg.amp)
 
     def timed(self, phase: str, fn, *args):
         """Call fn(*args), adding its wall time to the phase's total."""
@@ -168,8 +189,10 @@ class DefenseRun:
             "method": self.method, "record": str(self.folder), "dataset": record.clean_data,
             "model": record.model_name, "classifier": self.linear_name,
             "defense_samples": len(self.defense_data),
+            "test_samples": len(self.clean_test) + len(self.bd_test),
             "before": before, "after": after, **details,
             "times_s": {k: round(v, 3) for k, v in self.times.items()},
+            "peak_memory_mib": peak_memory_mib(self.device),
             "config": {k: v for k, v in vars(cfg).items()},
             "environment": environment(self.device),
         }
