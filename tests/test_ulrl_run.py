@@ -26,3 +26,18 @@ def test_no_flagged_neuron_is_reported_and_handled(tmp_path, action):
         assert flagged == sorted(range(10), key=lambda j: -scores[j])[:2]
     else:
         assert flagged == [] and summary["relearning"]["epochs"] == 1
+
+
+def test_per_epoch_curves_are_written_and_do_not_change_the_result(tmp_path):
+    tiny_record(tmp_path / "r")
+    base = ["--result_file", "r", "--record_dir", str(tmp_path), "--ratio", "0.002",
+            "--unlearning_epochs", "2", "--relearn_epochs", "2", "--no_flag_action", "top"]
+    out = tmp_path / "r/defense/ulrl"
+    main(base)
+    plain = json.loads((out / "summary.json").read_text())
+    main([*base, "--curve_samples", "3"])
+    curves = json.loads((out / "summary.json").read_text())
+    assert curves["after"] == plain["after"]  # evaluating a subsample touches no training state
+    header, *rows = (out / "ulrl_df.csv").read_text().splitlines()
+    assert {"curve_test_acc", "curve_test_asr", "curve_test_ra"} <= set(header.split(","))
+    assert len(rows) == curves["unlearning"]["epochs"] + 2

@@ -40,6 +40,8 @@ DEFENSE_OPTIONS = {
                                "augmentation on tensors) or 'dataloader' (a plain per-sample "
                                "torch DataLoader, the reference the fast path is checked against)",
                      choices=("tensor", "dataloader")),
+    "curve_samples": Option(0, "per-epoch curves: after every epoch, evaluate a fixed random "
+                               "subsample of this many clean and backdoor test images (0: off)"),
     "eval_every_epoch": Option(False, "evaluate the full clean and backdoor test sets after every "
                                       "epoch (the public code's schedule; slow)"),
     "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
@@ -136,6 +138,11 @@ class DefenseRun:
         self.defense_data, self.clean_test, self.bd_test = (
             d.to(self.device) for d in (self.defense_data, self.clean_test, self.bd_test))
         self.preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
+        if cfg.curve_samples > 0:  # the same images after every epoch, so curves are comparable
+            gen = torch.Generator().manual_seed(cfg.seed)
+            self.curve_sets = tuple(
+                d.subset(torch.randperm(len(d), generator=gen)[:cfg.curve_samples].to(self.device))
+                for d in (self.clean_test, self.bd_test))
         log.info("model %s (%d input channels, classifier '%s' %s), data %s: %d defense, "
                  "%d clean test, %d backdoor test images", record.model_name, channels,
                  self.linear_name, tuple(self.linear.weight.shape), spec.name,
@@ -152,8 +159,10 @@ class DefenseRun:
         return Batches(self.defense_data, self.preprocess, cfg.batch_size, shuffle=True,
                        augment=augment, seed=cfg.seed)
 
-    def evaluate(self, model=None) -> dict:
-        return backdoor_metrics(model or self.model, self.clean_test, self.bd_test,
+    def evaluate(self, model=None, test_sets=None) -> dict:
+        """C-ACC, ASR, RA on the full test sets (or on `test_sets` = (clean, backdoor))."""
+        clean_test, bd_test = test_sets or (self.clean_test, self.bd_test)
+        return backdoor_metrics(model or self.model, clean_test, bd_test,
                                 self.preprocess, eval_batch_size(self.cfg.eval_batch_size,
                                                                  self.device), self.cfg.amp)
 
@@ -170,6 +179,8 @@ class DefenseRun:
         row = {"phase": phase, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
         if self.cfg.eval_every_epoch:
             row.update(self.evaluate(model))
+        elif self.cfg.curve_samples > 0:
+            row.update({f"curve_{k}": v for k, v in self.evaluate(model, self.curve_sets).items()})
         self.epochs.append(row)
         log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                  for k, v in row.items()))
