@@ -35,13 +35,23 @@ def main_guard(main):
         sys.exit(130)
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes through tqdm so a log line does not land in the middle of a progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
 def setup_console_logging() -> None:
     """Progress to stdout, warnings and errors to stderr (so stderr holds only what went wrong)."""
     if not log.handlers:
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        info = logging.StreamHandler(sys.stdout)
+        info = _BarAwareHandler(sys.stdout)
         info.addFilter(lambda record: record.levelno < logging.WARNING)
-        problems = logging.StreamHandler(sys.stderr)
+        problems = _BarAwareHandler(sys.stderr)
         problems.setLevel(logging.WARNING)
         for handler in (info, problems):
             handler.setFormatter(fmt)
