@@ -95,16 +95,18 @@ def score_neurons(w_pre: torch.Tensor, w_post: torch.Tensor, tau: float, ht: int
     scale_name, scale = "MAD", MAD_TO_SIGMA * mad
     if mad == 0:
         scale_name, scale = "mean_absolute_deviation", MEAN_AD_TO_SIGMA * deviation.mean()
+    ranking = sorted(range(len(scores)), key=lambda j: (-scores[j].item(), j))  # largest first
     if scale > 0:
-        outliers = ((deviation / scale > tau) & (scores > median)).nonzero().flatten().tolist()
+        is_outlier = (deviation / scale > tau) & (scores > median)
+        outliers = [j for j in ranking if is_outlier[j]]
     else:
         scale_name, outliers = "none (all scores equal)", []
-    outliers.sort(key=lambda j: (-scores[j].item(), j))
     flagged = outliers[:ht] if ht > 0 else outliers
     tie_at_cap = 0 < ht < len(outliers) and scores[outliers[ht - 1]] == scores[outliers[ht]]
     return {"scores": [round(s, 6) for s in scores.tolist()], "median": median.item(),
             "mad": mad.item(), "scale": scale_name, "scale_value": float(scale),
-            "threshold": (median + tau * scale).item(), "outliers": outliers, "flagged": flagged,
+            "threshold": (median + tau * scale).item(), "ranking": ranking, "outliers": outliers,
+            "flagged": flagged,
             "tie_at_cap": bool(tie_at_cap)}
 
 
@@ -188,8 +190,7 @@ def main(argv=None):
             action = cfg.no_flag_action
             log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
             if action == "top":
-                neurons = sorted(range(len(found["scores"])),
-                                 key=lambda j: (-found["scores"][j], j))[:max(cfg.ht, 1)]
+                neurons = found["ranking"][:max(cfg.ht, 1)]
         # Line 18: revert to the original (backdoored) weights, BatchNorm buffers included.
         model.load_state_dict(run.original_state())
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+from utils.record import strip_module_prefix
 
 __all__ = ["register_model", "model_names", "build_model", "find_classifier", "input_channels",
            "load_weights"]
@@ -112,16 +113,6 @@ def input_channels(state_dict) -> int:
                     "unknown: check that the file holds a convolutional model's state dict")
 
 
-def _strip_module(state_dict) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    return out
-
-
 def _diff(model_sd: dict, sd: dict) -> tuple[list[str], list[str], list[str]]:
     missing = [k for k in model_sd if k not in sd]
     unexpected = [k for k in sd if k not in model_sd]
@@ -153,7 +144,7 @@ def _mismatch_text(missing, unexpected, shapes) -> str:
 
 def load_weights(model: nn.Module, state_dict) -> None:
     """Strict load after stripping 'module.' (DataParallel) prefixes; a mismatch is a UserError."""
-    sd = _strip_module(state_dict)
+    sd = strip_module_prefix(state_dict)
     missing, unexpected, shapes = _diff(model.state_dict(), sd)
     if missing or unexpected or shapes:
         raise UserError(f"the weights do not fit the {type(model).__name__} model ("
@@ -200,7 +191,7 @@ def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
 
 def _load_pretrained(model: nn.Module, name: str, num_classes: int, path) -> None:
     model_sd = model.state_dict()
-    sd = _align_prefix(_strip_module(_read_state_dict(path)), list(model_sd))
+    sd = _align_prefix(strip_module_prefix(_read_state_dict(path)), list(model_sd))
     cls_name, _ = find_classifier(model, num_classes)
     cls_keys = {f"{cls_name}.weight", f"{cls_name}.bias"}
     # a classifier trained on another class count (e.g. ImageNet's 1000) is left freshly initialized

@@ -89,12 +89,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads(threads: int = 0) -> int:
     """torch's CPU threads: `threads`, or the cores this process may run on (torch's own default
     counts the host's cores, which oversubscribes a container limited to fewer)."""
-    if threads <= 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads if threads > 0 else available_cores())
     return torch.get_num_threads()
 
 

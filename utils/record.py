@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from utils.data import ImageSet
+from utils.cli import available_cores
 from utils.errors import UserError
 from utils.io import torch_save
 
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("backdoor")
 
 RECORD_FILE = "attack_result.pt"
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_CORES = available_cores()
 
 
 def _decode_threads(height: int, width: int) -> int:
@@ -98,9 +99,14 @@ def _corrupt(path, e: Exception) -> UserError:
 
 
 def strip_module_prefix(state_dict) -> dict:
-    """Drop the 'module.' prefix that DataParallel adds to every key."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v
-            for k, v in state_dict.items()}
+    """Drop the 'module.' prefixes that DataParallel (possibly nested) adds to every key."""
+    out = {}
+    for key, value in state_dict.items():
+        key = str(key)
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
 
 
 @dataclass
