@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attack import ATTACK_OPTIONS, run_attack  # noqa: E402
+from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 
@@ -23,7 +23,8 @@ def badnet_poison(images, patch_size: int = 3):
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "BadNets attack: writes a BackdoorBench-format record", argv)
-    return run_attack(cfg, "badnet", lambda images: badnet_poison(images, cfg.patch_size))
+    return run_attack(cfg, "badnet",
+                      lambda ctx: Attack(poison=lambda images: badnet_poison(images, cfg.patch_size)))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
-"""What every data-poisoning attack shares: options, poisoning a share of the training set,
-training the victim model, and writing a BackdoorBench-format record.
+"""What every attack shares: options, choosing and poisoning a share of the training set, training
+the victim model, and writing a BackdoorBench-format record into record/<save_folder_name>/.
 
-An attack file only says how to poison an image batch (`poison(images) -> images`, uint8 in and out)
-and calls `run_attack`; the record lands in record/<save_folder_name>/.
+An attack file builds an `Attack` (how to poison a uint8 image batch, plus optional hooks) and calls
+`run_attack(cfg, name, make_attack)`. `make_attack(ctx)` receives an `AttackContext` with the clean
+data, the device and helpers (a fresh victim model, a cached clean-trained model, the training loop),
+so attacks that need a model to build their trigger (LF, LC, TrojanNN) or train with their own loss
+(WaNet, BPP, InputAware, Blind) stay small files.
+
+Order of work: make_attack -> choose the poisoned training samples -> poison them -> train (the
+default loop, or the attack's `train`) -> poison the backdoor test set with the trained state (so
+generator-based triggers use their final generator) -> write the record.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from models import build_model
+from models import build_model, load_weights
 from utils.cli import environment, log, log_file, progress, require, seed_everything, \
     set_threads, setup_console_logging
 from utils.config import Option
@@ -22,7 +30,7 @@ from utils.data import ImageSet, Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.io import write_csv, write_json
-from utils.record import save_attack_record
+from utils.record import safe_load, save_attack_record
 from utils.train import Batches, backdoor_metrics, cross_entropy, eval_batch_size, \
     resolve_device, to_device, train_epoch
 
@@ -37,6 +45,8 @@ ATTACK_OPTIONS = {
     "attack_target": Option(0, "backdoor target label (all-to-one)"),
     "pratio": Option(0.1, "share of the training set that is poisoned"),
     "train_size": Option(0, "train on this many clean training images (0: all of them)"),
+    "test_size": Option(0, "evaluate on this many clean test images, a seeded subset (0: all); "
+                           "the backdoor test set is made from the same subset"),
     "epochs": Option(100, "training epochs"),
     "batch_size": Option(128, "training batch size"),
     "lr": Option(0.01, "SGD learning rate (CosineAnnealingLR over the epochs)"),
@@ -50,24 +60,154 @@ ATTACK_OPTIONS = {
                                 "or pickled in attack_result.pt (ram)", choices=("disk", "ram")),
 }
 
+# For attacks that build their trigger against a clean model (LF, LC, TrojanNN).
+CLEAN_MODEL_OPTIONS = {
+    "clean_model": Option(None, "local weights file of a clean model of the same architecture "
+                                "(default: train one on the clean training data first)", str),
+    "clean_epochs": Option(0, "epochs for training that clean model (0: --epochs)"),
+}
 
-def poison_split(data: ImageSet, chosen: torch.Tensor, target: int, poison: Callable) -> ImageSet:
-    """Copy of `data` whose `chosen` items are poisoned and relabelled to `target`."""
+
+@dataclass
+class Attack:
+    """What an attack supplies. Images are uint8 [N, C, H, W] on the CPU, in and out."""
+    poison: Callable[[torch.Tensor], torch.Tensor]  # the trigger, applied to backdoor test images
+    # Training samples get poison_train(images, labels) when given (e.g. LC's adversarial step),
+    # else poison(images).
+    poison_train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    clean_label: bool = False  # poison target-class samples and keep their labels (SIG, LC)
+    # Indices of the training samples to poison, instead of a pratio share of the eligible ones
+    # (Semantic: a natural subgroup). select_train(train_set, generator) -> LongTensor.
+    select_train: Callable[[ImageSet, torch.Generator], torch.Tensor] | None = None
+    # Indices of the test samples forming the backdoor test set (default: not the target class).
+    select_test: Callable[[ImageSet], torch.Tensor] | None = None
+    # Default training loop hook: (normalized inputs, labels) -> (inputs, labels), per batch.
+    batch_transform: Callable | None = None
+    # Whole training replaced (training-controlled attacks): train(ctx, model, bd_train_on_device).
+    # It should call ctx.end_epoch(...) once per epoch for the per-epoch rows.
+    train: Callable | None = None
+    dynamic: bool = False  # the trigger changes while training: re-poison the test set per epoch
+    details: dict = field(default_factory=dict)  # extra facts for attack_summary.json
+
+
+def poison_split(data: ImageSet, chosen: torch.Tensor, target: int, poison: Callable,
+                 relabel: bool = True) -> ImageSet:
+    """Copy of `data` whose `chosen` items are poisoned (`poison(images, labels)`) and, unless
+    clean-label, relabelled to `target`."""
     images, labels = data.images.clone(), data.labels.clone()
     if len(chosen):
-        poisoned = poison(images[chosen])
+        poisoned = poison(images[chosen], labels[chosen])
         if poisoned.shape != images[chosen].shape or poisoned.dtype != torch.uint8:
             raise UserError(f"poison function returned {poisoned.dtype} {tuple(poisoned.shape)}, "
                             f"expected uint8 {tuple(images[chosen].shape)}")
         images[chosen] = poisoned
-        labels[chosen] = target
+        if relabel:
+            labels[chosen] = target
     flags = torch.zeros(len(data), dtype=torch.bool)
     flags[chosen] = True
     index = data.index if data.index is not None else torch.arange(len(data))
     return ImageSet(images, labels, data.labels.clone(), flags, index)
 
 
-def run_attack(cfg, attack: str, poison: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+class AttackContext:
+    """The clean data, device and helpers an attack builds on."""
+
+    def __init__(self, cfg, name: str, spec, device: torch.device, train: ImageSet,
+                 test: ImageSet):
+        self.cfg, self.name, self.spec, self.device = cfg, name, spec, device
+        self.train, self.test = train, test  # clean, CPU; `index` = position in the full set
+        self.channels = spec.image_size[2]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.preprocess = Preprocess(spec.mean, spec.std, self.channels, hflip=spec.hflip)
+        self.rows: list[dict] = []  # per-epoch rows of the victim's training (attack_df.csv)
+        self.attack: Attack | None = None
+        self._clean_model = None
+        self._eval = None
+
+    def new_model(self, weights_path: str | None = None):
+        """A fresh victim model on the device (cfg.pretrained weights unless others are given)."""
+        model = build_model(self.cfg.model, self.spec.num_classes, in_channels=self.channels,
+                            image_size=self.spec.image_size[0],
+                            weights_path=weights_path or self.cfg.pretrained)
+        return to_device(model, self.device)
+
+    def clean_model(self):
+        """A model trained on the clean training data (or loaded from --clean_model), cached."""
+        if self._clean_model is None:
+            cfg = self.cfg
+            if getattr(cfg, "clean_model", None):
+                model = self.new_model()
+                path = Path(cfg.clean_model)
+                require(path.is_file(), f"--clean_model {path} not found: pass a weights file")
+                state = safe_load(path)
+                state = state.get("model", state) if isinstance(state, dict) else state
+                load_weights(model, state)
+            else:
+                model = self.new_model()
+                epochs = getattr(cfg, "clean_epochs", 0) or cfg.epochs
+                log.info("training a clean %s for %d epochs (the trigger is built against it)",
+                         cfg.model, epochs)
+                self.fit(model, self.train.to(self.device), epochs, desc="clean model")
+            model.eval()
+            self._clean_model = model
+        return self._clean_model
+
+    def optimizer(self, params, epochs: int):
+        """SGD + CosineAnnealingLR over `epochs`, the training recipe of every attack."""
+        cfg = self.cfg
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+
+    def batches(self, data: ImageSet, augment: bool = True) -> Batches:
+        return Batches(data, self.preprocess, self.cfg.batch_size, shuffle=True, augment=augment,
+                       seed=self.cfg.seed)
+
+    def fit(self, model, data: ImageSet, epochs: int, transform: Callable | None = None,
+            desc: str = "training", log_rows: bool = False) -> None:
+        """The default loop: SGD with cosine schedule; per-epoch evaluation rows when log_rows."""
+        batches = self.batches(data)
+        optimizer, scheduler = self.optimizer(model.parameters(), epochs)
+        with progress(epochs * len(batches), desc) as bar:
+            for epoch in range(epochs):
+                stats = train_epoch(model, batches, optimizer, cross_entropy, amp=self.cfg.amp,
+                                    progress=bar, transform=transform)
+                if log_rows:
+                    self.end_epoch(model, epoch, epochs, stats, optimizer)
+                scheduler.step()
+
+    def bd_test(self) -> ImageSet:
+        """The backdoor test set: the attack's test selection (default: every test image not of the
+        target class), poisoned and labelled with the target."""
+        attack, cfg = self.attack, self.cfg
+        if attack.select_test is not None:
+            keep = attack.select_test(self.test)
+        else:
+            keep = (self.test.labels != cfg.attack_target).nonzero().flatten()
+        part = self.test.subset(keep)
+        return poison_split(part, torch.arange(len(keep)), cfg.attack_target,
+                            lambda images, labels: attack.poison(images))
+
+    def evaluate(self, model) -> dict:
+        if self._eval is None or self.attack.dynamic:
+            self._eval = (self.test.to(self.device), self.bd_test().to(self.device))
+        return backdoor_metrics(model, *self._eval, self.preprocess,
+                                eval_batch_size(self.cfg.eval_batch_size, self.device),
+                                self.cfg.amp)
+
+    def end_epoch(self, model, epoch: int, epochs: int, stats: dict, optimizer) -> None:
+        """Evaluate and log one row of the victim's training (attack_df.csv)."""
+        metrics = self.evaluate(model)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_epoch_loss_avg_over_batch": stats["loss"],
+               "train_acc": stats["train_acc"], **metrics}
+        self.rows.append(row)
+        log.info("epoch %d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  test_asr %.4f  "
+                 "test_ra %.4f", epoch + 1, epochs, stats["loss"], stats["train_acc"],
+                 metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
+
+
+def run_attack(cfg, attack: str, make_attack: Callable[[AttackContext], Attack]) -> dict:
     setup_console_logging()
     seed_everything(cfg.seed)
     set_threads()
@@ -85,7 +225,7 @@ def run_attack(cfg, attack: str, poison: Callable[[torch.Tensor], torch.Tensor])
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cfg.record_dir))
     try:
         with log_file(work / "attack.log"):
-            summary = _attack(cfg, attack, poison, spec, device, name, work)
+            summary = _attack(cfg, attack, make_attack, spec, device, name, work)
         if final.exists():
             shutil.rmtree(final)
         work.rename(final)
@@ -95,72 +235,73 @@ def run_attack(cfg, attack: str, poison: Callable[[torch.Tensor], torch.Tensor])
     return summary
 
 
-def _attack(cfg, attack, poison, spec, device, name, work: Path) -> dict:
+def _seeded_part(data: ImageSet, size: int, gen: torch.Generator) -> ImageSet:
+    """`size` items drawn with `gen` (all when size is 0), in order, remembering their indices."""
+    index = torch.arange(len(data))
+    if size:
+        index = torch.randperm(len(data), generator=gen)[:size].sort().values
+    part = data.subset(index)
+    part.index = index
+    return part
+
+
+def _choose(ctx: AttackContext, attack: Attack) -> torch.Tensor:
+    cfg, train = ctx.cfg, ctx.train
+    if attack.select_train is not None:
+        return attack.select_train(train, ctx.generator).sort().values
+    # All-to-one: poison samples not of the target class; clean-label: only the target class.
+    eligible = (train.labels == cfg.attack_target) if attack.clean_label \
+        else (train.labels != cfg.attack_target)
+    candidates = eligible.nonzero().flatten()
+    n_poison = round(cfg.pratio * len(train))
+    require(n_poison <= len(candidates),
+            f"--pratio {cfg.pratio} asks for {n_poison} poisoned samples but only "
+            f"{len(candidates)} are eligible" + (" (clean-label attacks poison target-class "
+                                                 "samples only)" if attack.clean_label else ""))
+    return candidates[torch.randperm(len(candidates), generator=ctx.generator)[:n_poison]] \
+        .sort().values
+
+
+def _attack(cfg, name: str, make_attack, spec, device, record_name: str, work: Path) -> dict:
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
     test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
-    train_index = torch.arange(len(train))
-    if cfg.train_size:
-        train_index = torch.randperm(len(train), generator=gen)[:cfg.train_size].sort().values
-    train_part = train.subset(train_index)
-    train_part.index = train_index
-    # All-to-one: poison only samples whose label is not already the target.
-    candidates = (train_part.labels != cfg.attack_target).nonzero().flatten()
-    n_poison = round(cfg.pratio * len(train_part))
-    require(n_poison <= len(candidates), f"--pratio {cfg.pratio} asks for {n_poison} poisoned "
-                                         f"samples but only {len(candidates)} are not the target")
-    chosen = candidates[torch.randperm(len(candidates), generator=gen)[:n_poison]].sort().values
-    bd_train = poison_split(train_part, chosen, cfg.attack_target, poison)
-    keep = (test.labels != cfg.attack_target).nonzero().flatten()
-    test_part = test.subset(keep)
-    test_part.index = keep
-    bd_test = poison_split(test_part, torch.arange(len(keep)), cfg.attack_target, poison)
-    log.info("%s on %s/%s: %d of %d training images poisoned, %d backdoor test images",
-             attack, spec.name, cfg.model, n_poison, len(train_part), len(bd_test))
+    ctx = AttackContext(cfg, name, spec, device, _seeded_part(train, cfg.train_size, gen),
+                        _seeded_part(test, cfg.test_size, gen))
+    attack = ctx.attack = make_attack(ctx)
+    chosen = _choose(ctx, attack)
+    bd_train = poison_split(ctx.train, chosen, cfg.attack_target,
+                            attack.poison_train or (lambda images, labels: attack.poison(images)),
+                            relabel=not attack.clean_label)
+    log.info("%s on %s/%s: %d of %d training images poisoned%s", name, spec.name, cfg.model,
+             len(chosen), len(ctx.train), " (clean-label)" if attack.clean_label else "")
 
-    model = build_model(cfg.model, spec.num_classes, in_channels=spec.image_size[2],
-                        image_size=spec.image_size[0], weights_path=cfg.pretrained)
-    to_device(model, device)
-    preprocess = Preprocess(spec.mean, spec.std, spec.image_size[2], hflip=spec.hflip)
-    batches = Batches(bd_train.to(device), preprocess, cfg.batch_size, shuffle=True, augment=True,
-                      seed=cfg.seed)
-    clean_test, bd_test_dev = test.to(device), bd_test.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
-    rows = []
-    with progress(cfg.epochs * len(batches), f"training {cfg.model}") as bar:
-        for epoch in range(cfg.epochs):
-            stats = train_epoch(model, batches, optimizer, cross_entropy, amp=cfg.amp,
-                                progress=bar)
-            metrics = backdoor_metrics(model, clean_test, bd_test_dev, preprocess,
-                                       eval_batch_size(cfg.eval_batch_size, device), cfg.amp)
-            rows.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                         "train_epoch_loss_avg_over_batch": stats["loss"],
-                         "train_acc": stats["train_acc"], **metrics})
-            scheduler.step()
-            log.info("epoch %d/%d  loss %.4f  train_acc %.4f  test_acc %.4f  test_asr %.4f  "
-                     "test_ra %.4f", epoch + 1, cfg.epochs, stats["loss"], stats["train_acc"],
-                     metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
+    model = ctx.new_model()
+    if attack.train is not None:
+        attack.train(ctx, model, bd_train.to(device))
+    else:
+        ctx.fit(model, bd_train.to(device), cfg.epochs, attack.batch_transform,
+                desc=f"training {cfg.model}", log_rows=True)
     train_time = time.perf_counter() - start
 
+    bd_test = ctx.bd_test()  # with the final state of a dynamic trigger
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_attack_record(work, record_name=name, model_name=cfg.model,
+    save_attack_record(work, record_name=record_name, model_name=cfg.model,
                        num_classes=spec.num_classes, state_dict=state, clean_data=spec.name,
                        img_size=spec.image_size, bd_train=bd_train, bd_test=bd_test,
                        train_length=len(train), test_length=len(test), mode=cfg.save_mode)
-    final = rows[-1] if rows else {}
-    write_csv(work / "attack_df.csv", rows)
+    final = ctx.rows[-1] if ctx.rows else {}
+    write_csv(work / "attack_df.csv", ctx.rows)
     write_csv(work / "attack_df_summary.csv", [final])
-    summary = {"attack": attack, "record": name, "dataset": spec.name, "model": cfg.model,
-               "poisoned_train": n_poison, "train_size": len(train_part),
-               "bd_test_size": len(bd_test), "final": final, "time_s": round(train_time, 2),
-               "config": vars(cfg), "environment": environment(device)}
+    summary = {"attack": name, "record": record_name, "dataset": spec.name, "model": cfg.model,
+               "poisoned_train": len(chosen), "train_size": len(ctx.train),
+               "clean_label": attack.clean_label, "bd_test_size": len(bd_test), "final": final,
+               "time_s": round(train_time, 2), **attack.details, "config": vars(cfg),
+               "environment": environment(device)}
     write_json(work / "attack_summary.json", summary)
     if final:
-        print(f"{attack} {spec.name}/{cfg.model}: C-ACC {100 * final['test_acc']:.2f}%  "
+        print(f"{name} {spec.name}/{cfg.model}: C-ACC {100 * final['test_acc']:.2f}%  "
               f"ASR {100 * final['test_asr']:.2f}%  RA {100 * final['test_ra']:.2f}%  "
               f"({train_time:.0f} s)")
     return summary
-

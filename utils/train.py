@@ -68,9 +68,11 @@ class Batches:
 
 
 def train_epoch(model, batches: Batches, optimizer, loss_fn: Callable, *, ascent: bool = False,
-                clip_norm: float | None = None, amp: bool = True, progress=None) -> dict:
+                clip_norm: float | None = None, amp: bool = True, progress=None,
+                transform: Callable | None = None) -> dict:
     """One pass over `batches`. loss_fn(logits, labels) -> scalar loss. With ascent=True the loss is
-    maximized (gradient ascent). Returns the mean loss and the running accuracy of the epoch's
+    maximized (gradient ascent). `transform(x, y) -> (x, y)` rewrites each batch before the forward
+    (training-time poisoning of training-controlled attacks). Returns the mean loss and the running accuracy of the epoch's
     train-mode predictions (taken from the same forward, so it costs nothing extra)."""
     model.train()
     device = next(model.parameters()).device
@@ -79,6 +81,8 @@ def train_epoch(model, batches: Batches, optimizer, loss_fn: Callable, *, ascent
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for x, y, _ in batches:
+        if transform is not None:
+            x, y = transform(x, y)
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
