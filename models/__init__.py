@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import UserError, shown
 from utils.record import strip_module_prefix
 
 __all__ = ["register_model", "model_names", "build_model", "find_classifier", "input_channels",
@@ -53,7 +53,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """
     key = str(name).lower()
     if key not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+        raise UserError(f"unknown model '{shown(name, 60)}': choose one of "
+                        f"{', '.join(model_names())}")
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}: check the data set's class count")
     if int(in_channels) < 1:
@@ -149,8 +150,13 @@ def load_weights(model: nn.Module, state_dict) -> None:
     if missing or unexpected or shapes:
         raise UserError(f"the weights do not fit the {type(model).__name__} model ("
                         f"{_mismatch_text(missing, unexpected, shapes)}): the record's model_name "
-                        f"may be wrong, or the weights come from another architecture")
-    model.load_state_dict(sd, strict=True)
+                        f"or num_classes may be wrong, or the weights come from another "
+                        f"architecture")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied into a parameter
+        raise UserError(f"the weights do not load into the {type(model).__name__} model "
+                        f"({shown(e)}): the record is damaged") from None
 
 
 def _read_state_dict(path) -> dict:

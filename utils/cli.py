@@ -7,8 +7,11 @@ import os
 import platform
 import random
 import resource
+import signal
 import sys
 import tempfile
+import threading
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,25 +25,67 @@ from utils.io import publish
 log = logging.getLogger("backdoor")
 
 
-def main_guard(main):
-    """Run `main`; a UserError ends the program with one clear line and exit code 2."""
+DEBUG_FLAG = "--debug"  # accepted by every entry point (utils.config.parse_config declares it)
+
+
+def one_line(text: str) -> str:
+    """A message as one line: the contract of an error is a single line on stderr."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+class _Terminated(BaseException):
+    """SIGTERM (e.g. `timeout`, a job scheduler) raised as an exception, so that `finally` blocks
+    remove temporary files just as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def main_guard(main, argv=None):
+    """Run `main()` (or `main(argv)` when argv is given). A UserError ends the program with one line
+    "error: ..." and exit code 2; any other exception with one line naming its type and exit code
+    1; Ctrl-C or SIGTERM with "interrupted" and 130 / 143. With --debug among the arguments the
+    full traceback is printed instead of the line."""
+    debug = DEBUG_FLAG in (sys.argv[1:] if argv is None else list(argv))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        main()
+        main() if argv is None else main(argv)
     except UserError as e:
-        if not getattr(e, "logged", False):
-            print(f"error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        elif not getattr(e, "logged", False):  # a run that logged it has already shown the line
+            print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
+        if debug:
+            traceback.print_exc()
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM)
+    except Exception as e:  # a bug or an unforeseen failure: still one line for the user
+        if debug:
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), "").strip()
+        print(f"error: {type(e).__name__}: {first} (rerun with {DEBUG_FLAG} for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-class _BarAwareHandler(logging.StreamHandler):
-    """Writes through tqdm so a log line does not land in the middle of a progress bar."""
+class _ConsoleHandler(logging.Handler):
+    """Writes to sys.stdout or sys.stderr as they are when a line is logged (so a redirected or
+    captured stream receives it), through tqdm so a line does not land in a progress bar."""
+
+    def __init__(self, stream_name: str):
+        super().__init__()
+        self.stream_name = stream_name
 
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=getattr(sys, self.stream_name))
         except Exception:  # logging must never raise
             self.handleError(record)
 
@@ -49,9 +94,9 @@ def setup_console_logging() -> None:
     """Progress to stdout, warnings and errors to stderr (so stderr holds only what went wrong)."""
     if not log.handlers:
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        info = _BarAwareHandler(sys.stdout)
+        info = _ConsoleHandler("stdout")
         info.addFilter(lambda record: record.levelno < logging.WARNING)
-        problems = _BarAwareHandler(sys.stderr)
+        problems = _ConsoleHandler("stderr")
         problems.setLevel(logging.WARNING)
         for handler in (info, problems):
             handler.setFormatter(fmt)
@@ -65,6 +110,7 @@ def log_file(path):
     """Log to a temporary sibling of `path`, renamed into place when the run ends (also on error,
     so a failed run leaves its complete log, never a half-written result)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     handler = logging.FileHandler(tmp)

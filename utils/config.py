@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from utils.cli import DEBUG_FLAG
 from utils.errors import UserError
 
 
@@ -22,6 +24,7 @@ class Option:
     type: type | None = None  # inferred from the default when omitted
     choices: tuple | None = None
     nargs: str | None = None  # '+' for lists
+    conflicts: tuple[str, ...] = ()  # options that must not be set together with this one
 
     @property
     def value_type(self):
@@ -44,21 +47,40 @@ def parse_bool(text) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _convert(kind: type, value):
+    """One value to `kind`, refusing conversions that would silently change it."""
+    if isinstance(value, bool) and kind is not bool:
+        raise TypeError("a boolean")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if kind is int and isinstance(value, float):
+        raise TypeError("not a whole number")  # int(2.5) would truncate without a word
+    if kind is str and not isinstance(value, (str, int, float)):
+        raise TypeError("not a scalar")
+    if isinstance(value, kind):
+        return value
+    return parse_bool(value) if kind is bool else kind(value)
+
+
 def _coerce(key: str, option: Option, value, source: str):
     if value is None:
         return None
     kind = option.value_type
-    convert = parse_bool if kind is bool else kind
     try:
         if option.nargs:
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            value = [convert(v) for v in items]
-        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-        elif not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            value = convert(value)
-    except (TypeError, ValueError) as e:
+            value = [_convert(kind, v) for v in items]
+        else:
+            value = _convert(kind, value)
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}") from e
+    for item in value if isinstance(value, list) else [value]:
+        # inf passes range checks such as "lr > 0" and nan poisons every later computation;
+        # torch's seeds and sizes are 64-bit. Refuse them here, not deep inside a run.
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UserError(f"{source}: '{key}' must be a finite number, got {item!r}")
+        if isinstance(item, int) and not -2**63 <= item < 2**63:
+            raise UserError(f"{source}: '{key}' must fit in 64 bits, got {item}")
     if option.choices and value not in option.choices:
         raise UserError(f"{source}: '{key}' must be one of {', '.join(map(str, option.choices))}, "
                         f"got {value!r}")
@@ -88,16 +110,43 @@ def load_yaml(path, options: dict[str, Option]) -> dict:
     return {k: _coerce(k, options[k], v, f"config file {path}") for k, v in data.items()}
 
 
+def _command_line_bool(text) -> bool:
+    """parse_bool for argparse, whose own message would name the function ('invalid parse_bool
+    value')."""
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}, use true or false") from e
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (not usage + message), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help for the options\n")
+
+
+def _check_conflicts(options: dict[str, Option], given: dict, source: str) -> None:
+    for key, option in options.items():
+        for other in option.conflicts:
+            if given.get(key) is not None and given.get(other) is not None:
+                raise UserError(f"{source}: '{key}' and '{other}' cannot be used together: "
+                                f"keep one of them")
+
+
 def parse_config(options: dict[str, Option], description: str, argv=None) -> SimpleNamespace:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = _Parser(description=description, allow_abbrev=False)
     parser.add_argument("--yaml_path", help="yaml file of defaults; the command line overrides it")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, print the full traceback instead of one line")
     for key, option in options.items():
         kind = option.value_type
         kwargs = dict(default=None, help=f"{option.help} (default: {option.default})")
         if option.nargs:
             kwargs["nargs"] = option.nargs
         if kind is bool:  # "--flag" alone means true; "--flag false" also works
-            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="{true,false}")
+            kwargs.update(type=_command_line_bool, nargs="?", const=True,
+                          metavar="{true,false}")
         else:
             kwargs["type"] = kind
         if option.choices:
@@ -107,10 +156,12 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Sim
 
     values = {key: option.default for key, option in options.items()}
     if args.yaml_path:
-        values.update(load_yaml(args.yaml_path, options))
-    for key, option in options.items():
-        given = getattr(args, key)
-        if given is not None:
-            values[key] = _coerce(key, option, given, "command line")
+        from_yaml = load_yaml(args.yaml_path, options)
+        _check_conflicts(options, from_yaml, f"config file {args.yaml_path}")
+        values.update(from_yaml)
+    command_line = {key: _coerce(key, option, getattr(args, key), "command line")
+                    for key, option in options.items() if getattr(args, key) is not None}
+    _check_conflicts(options, command_line, "command line")
+    values.update(command_line)
     values["yaml_path"] = args.yaml_path
     return SimpleNamespace(**values)

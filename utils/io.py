@@ -3,6 +3,7 @@ interrupted run never leaves a half-written result behind."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -25,27 +26,34 @@ def publish(tmp, path) -> None:
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed."""
+def atomic_file(path):
+    """Yield a binary file open on a temporary sibling of `path`; on success it replaces `path`.
+    On any error the temporary file is removed, and a failed write (disk full, quota, I/O error)
+    becomes one UserError naming the file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
     except OSError as e:
         raise UserError(f"cannot write to {path.parent} ({e.strerror}): choose a writable folder "
                         "or fix its permissions") from e
     try:
-        yield Path(tmp)
+        with os.fdopen(fd, "wb") as file:
+            yield file
         publish(tmp, path)
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise UserError(f"cannot write {path} ({e.strerror or e}): "
+                        + ("free disk space" if full else "check the disk and the folder")
+                        + " or choose another folder, then rerun") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+    with atomic_file(path) as file:
+        file.write(data)
 
 
 def write_text(path, text: str) -> None:
@@ -69,18 +77,26 @@ def write_csv(path, rows: list[dict]) -> None:
 
 
 def torch_save(path, obj) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file object: torch's own file writer reports a full disk as an
+    # unexplained "unexpected pos" RuntimeError, a Python file as OSError ENOSPC.
+    with atomic_file(path) as file:
+        torch.save(obj, file)
 
 
 def check_writable(folder) -> Path:
-    """Fail before any long computation if results could not be written."""
+    """Fail before any long computation if results could not be written into `folder`. Creates
+    nothing (the first file written makes the folder), so a run that fails early leaves no empty
+    folder behind: the nearest existing ancestor must be a folder we can create files in."""
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"output folder {folder} is not writable ({e.strerror}): fix its "
-                        "permissions or run from a copy of the record") from e
+        raise UserError(f"output folder {folder} is not writable ({existing}: {e.strerror}): fix "
+                        "its permissions or run from a copy of the record") from e
     return folder

@@ -10,6 +10,7 @@ See shared/reference/backdoorbench.md for the format.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import logging
 import os
 import pickle
@@ -26,7 +27,7 @@ from PIL import Image
 
 from utils.data import ImageSet
 from utils.cli import available_cores
-from utils.errors import UserError
+from utils.errors import UserError, shown
 from utils.io import torch_save
 
 try:  # numpy 2.x; numpy 1.x only has the old spelling
@@ -84,7 +85,7 @@ def safe_load(path, trust: bool = False):
     except pickle.UnpicklingError as e:
         found = _REFUSED.search(str(e))
         if found and not trust:
-            name = next(g for g in found.groups() if g)
+            name = _python3_name(next(g for g in found.groups() if g))
             raise UserError(f"{path}: the record wants to run code ({name}) while loading; if you "
                             "trust its author, rerun with --trust_record") from None
         raise _corrupt(path, e) from None
@@ -92,8 +93,19 @@ def safe_load(path, trust: bool = False):
         raise _corrupt(path, e) from None
 
 
+def _python3_name(name: str) -> str:
+    """'commands.check_output' -> 'subprocess.check_output': pickle protocol 2 stores some
+    globals under their Python 2 names, which would hide what the record asked for."""
+    module, _, attr = name.rpartition(".")
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}" if module else attr
+
+
 def _corrupt(path, e: Exception) -> UserError:
-    detail = (str(e).strip().splitlines() or [""])[0][:160]
+    # weights_only errors open with a paragraph of advice; the finding follows this marker.
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = shown(first.split(". ", 1)[0])  # torch's follow-up sentences are advice for itself
     return UserError(f"cannot read {path} ({type(e).__name__}: {detail}): the file is truncated "
                      "or corrupt; copy or regenerate it")
 
@@ -135,8 +147,13 @@ def _as_int(value):
 
 def _check_state_dict(sd, where, key: str) -> dict:
     _need(isinstance(sd, Mapping) and len(sd) > 0, where, key, "must be a non-empty state dict")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    _need(not bad, where, key, f"must map names to tensors (bad entry {bad[:1]})")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           or v.layout != torch.strided or v.is_complex() or v.is_quantized]
+    _need(not bad, where, key, f"must map names to dense real tensors (bad entry "
+                               f"'{shown(bad[0]) if bad else ''}')")
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    _need(not broken, where, f"{key}.{shown(broken[0]) if broken else ''}",
+          "holds NaN or inf values (not finite): the weights are broken")
     return strip_module_prefix(sd)
 
 
@@ -191,14 +208,14 @@ def _resolve_png(path: str, folder: Path) -> Path:
     p = str(path).replace("\\", "/")
     if os.path.isabs(p):
         if ".." in p.split("/"):
-            raise UserError(f"record {folder}: image path {path} contains '..'; the record is "
-                            "damaged or malicious")
-        if os.path.isfile(p):
+            raise UserError(f"record {folder}: image path {shown(path)} contains '..'; the record "
+                            "is damaged or malicious")
+        if _is_file(Path(p)):
             return Path(p)
     rel = posixpath.normpath(p.lstrip("/"))
     if rel == ".." or rel.startswith("../"):
-        raise UserError(f"record {folder}: image path {path} points outside the record folder; "
-                        "the record is damaged or malicious")
+        raise UserError(f"record {folder}: image path {shown(path)} points outside the record "
+                        "folder; the record is damaged or malicious")
     parts = rel.split("/")
     tails = [parts[2:]] if parts[0] == "record" and len(parts) > 2 else []
     tails.append(parts)
@@ -206,10 +223,25 @@ def _resolve_png(path: str, folder: Path) -> Path:
     tails += [parts[i:] for i, part in enumerate(parts) if part.endswith("_dataset")][:1]
     for tail in tails:
         candidate = folder.joinpath(*tail)
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
-    raise UserError(f"image {folder.joinpath(*tails[0])} (stored as {path}) is missing: copy the "
-                    "record's bd_*_dataset folders along with attack_result.pt")
+    raise UserError(f"image {shown(folder.joinpath(*tails[0]), 300)} (stored as {shown(path)}) is "
+                    "missing: copy the record's bd_*_dataset folders along with attack_result.pt")
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but a name the OS refuses (too long, NUL byte) is simply not a file."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _label(value, folder, where: str) -> int:
+    label = _as_int(value)
+    _need(label is not None and 0 <= label < 2**31, folder, f"{where} labels",
+          f"must be non-negative ints, got {shown(value, 40)}")
+    return label
 
 
 def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
@@ -226,7 +258,8 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
     if channels not in (1, 3):
         raise UserError(f"clean images have {channels} channels; records need 1 or 3")
     mode = "L" if channels == 1 else "RGB"
-    data = {int(k): v for k, v in state["bd_data_container"]["data_dict"].items()}
+    data = {_as_int(k): v for k, v in state["bd_data_container"]["data_dict"].items()}
+    _need(None not in data, folder, "data_dict", "keys must be sample indices (ints)")
 
     idx = torch.from_numpy(order)
     images = clean.images[idx].clone()
@@ -234,35 +267,35 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
     true_labels = labels.clone()
     poisoned = torch.from_numpy(indicator[order] == 1)
 
+    def pixels(img: Image.Image, where) -> np.ndarray:
+        # The size before decoding: a damaged header must not make us decode a huge image.
+        if img.size != (width, height):
+            raise UserError(f"record {folder}: image {where} is {img.size[0]}x{img.size[1]} but "
+                            f"the clean data are {width}x{height}: pick the data set the record "
+                            "was made on")
+        return np.array(_decoded(lambda: img.convert(mode), where))  # writable, for torch
+
     def decode(index: int):
         _need(index in data, folder, f"data_dict[{index}]", "is missing for a poisoned sample")
         item = data[index]
         if isinstance(item, Mapping) and "path" in item:  # disk mode
             where = _resolve_png(item["path"], folder)
             info = item.get("other_info")
-            try:
-                png_only = ["PNG"] if where.suffix.lower() == ".png" else None  # skip probing
-                with Image.open(where, formats=png_only) as im:
-                    img = im.convert(mode)
-            except OSError as e:
-                raise UserError(f"cannot decode image {where} ({e}): the record is "
-                                "damaged") from None
+            png_only = ["PNG"] if where.suffix.lower() == ".png" else None  # skip probing
+            with _decoded(lambda: Image.open(where, formats=png_only), where) as img:
+                array = pixels(img, where)
         elif isinstance(item, (tuple, list)) and len(item) >= 3:  # RAM mode
-            where, info = f"data_dict[{index}]", item[1:3]
-            img = item[0]
-            img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+            where, info, img = f"data_dict[{index}]", item[1:3], item[0]
+            if isinstance(img, np.ndarray):
+                img = _decoded(lambda: Image.fromarray(item[0]), where)
             _need(isinstance(img, Image.Image), folder, where, "must hold a PIL image")
-            img = img.convert(mode)
+            array = pixels(img, where)
         else:
             raise UserError(f"record {folder}: data_dict[{index}] is neither (image, label, label) "
                             "nor {'path', 'other_info'}; the record is damaged")
-        if img.size != (width, height):
-            raise UserError(f"record {folder}: image {where} is {img.size[0]}x{img.size[1]} but "
-                            f"the clean data are {width}x{height}: pick the data set the record "
-                            "was made on")
         _need(isinstance(info, (tuple, list)) and len(info) >= 2, folder, f"{where} labels",
               "must be [backdoor_label, original_label]")
-        return np.array(img), int(info[0]), int(info[1])  # a writable copy for torch
+        return array, _label(info[0], folder, where), _label(info[1], folder, where)
 
     where_poisoned = torch.nonzero(poisoned).flatten()
     keys = order[where_poisoned.numpy()].tolist()
@@ -279,6 +312,15 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
         labels[where_poisoned] = torch.tensor(bd_labels)
         true_labels[where_poisoned] = torch.tensor(originals)
     return ImageSet(images, labels, true_labels, poisoned, idx.clone())
+
+
+def _decoded(make_image, where) -> Image.Image:
+    """make_image(), with whatever PIL raises on damaged image data as one UserError."""
+    try:
+        return make_image()
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot decode image {where} ({type(e).__name__}: "
+                        f"{shown(e)}): the record is damaged") from None
 
 
 def dataset_state(bd: ImageSet, full_length: int, record_name: str, split: str,

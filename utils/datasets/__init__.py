@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from utils.data import ImageSet
-from utils.errors import UserError
+from utils.errors import UserError, shown
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserError(f"unknown dataset {name!r}: use one of {', '.join(dataset_names())}") from None
+        raise UserError(f"unknown dataset '{shown(name, 60)}': use one of "
+                        f"{', '.join(dataset_names())}") from None
 
 
 def candidate_folders(name: str, dataset_path) -> list[Path]:
