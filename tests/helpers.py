@@ -1,11 +1,13 @@
-"""Small records for tests that need a record but not a trained model."""
+"""Small records and data sets for tests that need them but not a trained model."""
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models import build_model
 from utils.data import ImageSet
 from utils.record import save_attack_record
+from tests.test_datasets import idx_bytes
 
 
 def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
@@ -20,3 +22,17 @@ def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
                        clean_data="fashion_mnist", img_size=(28, 28, 1), bd_train=None,
                        bd_test=bd_test, train_length=60000, test_length=10000)
     return folder
+
+
+def write_fashion_mnist(data_root: Path, n_train: int, n_test: int, seed: int = 0,
+                        side: int = 28) -> Path:
+    """A seeded random stand-in for Fashion-MNIST (idx files) under data_root/fashion_mnist;
+    `side` other than 28 makes a wrong one."""
+    folder = data_root / "fashion_mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            idx_bytes(rng.integers(0, 256, (n, side, side))))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
+    return data_root

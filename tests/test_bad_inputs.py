@@ -38,7 +38,7 @@ import defense.ulrl as ulrl
 import utils.datasets as datasets
 from models import build_model
 from tests.helpers import tiny_record
-from tests.test_fuzz import write_fashion_mnist
+from tests.helpers import write_fashion_mnist
 from utils.cli import main_guard
 from utils.config import Option, parse_config
 from utils.data import ImageSet

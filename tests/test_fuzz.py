@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from models import build_model
-from tests.test_datasets import idx_bytes
+from tests.helpers import write_fashion_mnist
 from utils.cli import log, setup_console_logging
 from utils.config import parse_config
 from utils.data import ImageSet
@@ -55,20 +55,6 @@ class CaseTimeout(BaseException):
 
 
 # ---------------------------------------------------------------- the valid bases
-
-def write_fashion_mnist(data_root: Path, n_train: int, n_test: int, seed: int = 0,
-                        side: int = 28) -> Path:
-    """A seeded random stand-in for Fashion-MNIST (idx files) under data_root/fashion_mnist;
-    `side` other than 28 makes a wrong one."""
-    folder = data_root / "fashion_mnist"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
-            idx_bytes(rng.integers(0, 256, (n, side, side))))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
-    return data_root
-
 
 def _bases(root: Path) -> dict[str, Path]:
     """Three valid records of a 32 + 16 image Fashion-MNIST stand-in under root/data."""
