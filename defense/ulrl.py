@@ -6,10 +6,19 @@ Algorithm 1 = Algorithm 2 (unlearn on the defense subset by gradient ascent, the
 neurons whose weights moved abnormally) + Algorithm 3 (reload the original model, reinitialize the
 flagged neurons, relearn with a cosine-similarity penalty pushing them away from their original
 weights). Defaults follow the public code; deliberate differences are listed in the README.
+
+Ablation switches (defaults = the method as published; --tag T writes defense/ulrl_T/ so variants
+of a record sit side by side; sh/ablation_ulrl.sh sweeps them): --dispersion mad|sd|iqr (Appendix
+C: z = (s - median) / (1.4826 MAD), (s - mean) / SD or (s - median) / (IQR / 1.349), each scaled to
+a normal's sigma so one tau reads alike; with 10 neurons an SD z-score cannot exceed 9/sqrt(10) =
+2.85, so sd never flags at tau 3.5), --regularizer cosine|inner|none (Appendix D, Table V),
+--selection random --random_k K (Table VI: K seeded random neurons; unlearning still runs so the
+summary shows what MAD would flag), --stop_rule epoch|step (see unlearn), plus alpha, tau, ht, ratio.
 """
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from utils.cli import log, main_guard, progress, require  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.plots import write_plots  # noqa: E402
 from utils.train import Batches, cross_entropy, train_epoch  # noqa: E402
 
 OPTIONS = {
@@ -30,14 +40,22 @@ OPTIONS = {
     "unlearning_epochs": Option(20, "at most this many unlearning epochs"),
     "clean_threshold": Option(0.2, "stop unlearning once defense-subset accuracy <= this (CA_min); "
                               "negative: never stop early (fixed-length runs for benchmarks)"),
+    "stop_rule": Option("epoch", "when CA_min is checked: 'epoch' (running accuracy of each epoch, "
+                        "the public code) or 'step' (before every step, on its mini-batch)",
+                        choices=("epoch", "step")),
     "unlearning_momentum": Option(0.9, "SGD momentum while unlearning"),
     "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning"),
     "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs), gamma 0.1",
                                     nargs="+"),
     "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)"),
     # identification
-    "tau": Option(3.5, "modified z-score threshold (MAD threshold tau)"),
+    "dispersion": Option("mad", "outlier scale: 'mad', 'sd' or 'iqr' (Appendix C)",
+                         choices=("mad", "sd", "iqr")),
+    "tau": Option(3.5, "outlier threshold on the z-score (MAD threshold tau)"),
     "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)"),
+    "selection": Option("mad", "'mad': reinitialize the flagged outliers; 'random': random_k "
+                        "neurons drawn with --seed (Table VI)", choices=("mad", "random")),
+    "random_k": Option(2, "how many neurons --selection random reinitializes"),
     "no_flag_action": Option("finetune", "when no neuron is flagged: 'finetune' (relearn without "
                              "the penalty, as the public code), 'top' (flag the ht largest "
                              "scores), 'stop' (keep the original model)",
@@ -46,68 +64,118 @@ OPTIONS = {
     "relearn_lr": Option(0.005, "relearning learning rate (eta)"),
     "relearn_epochs": Option(20, "relearning epochs (CosineAnnealingLR over them)"),
     "relearn_momentum": Option(0.9, "SGD momentum while relearning"),
-    "alpha": Option(0.7, "weight of the cosine-similarity penalty"),
+    "regularizer": Option("cosine", "relearning penalty on the flagged neurons: 'cosine' (Eq. 3), "
+                          "'inner' (FST's inner product, Appendix D) or 'none' (Table V)",
+                          choices=("cosine", "inner", "none")),
+    "alpha": Option(0.7, "weight of the relearning penalty"),
+    # outputs
+    "tag": Option("", "write into defense/ulrl_<tag>/ instead of defense/ulrl/ (ablation variants)"),
+    "plots": Option(True, "write PNG charts into the output folder (needs matplotlib; without it "
+                          "a warning)"),
 }
 
-MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x this = its standard deviation
-MEAN_AD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (used when MAD = 0)
+# x spread = the standard deviation of a normal distribution, so tau reads alike for every measure
+SIGMA_PER_SPREAD = {"mad": 1.4826, "sd": 1.0, "iqr": 1 / 1.349}
+MEAN_AD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (used when the spread is 0)
 
 
 # ---------------------------------------------------------------- Algorithm 2: unlearning
+class _ThresholdReached(Exception):
+    """Raised from the loss to end unlearning mid-epoch: train_epoch has no per-step hook, and the
+    loss sees the step's logits before any update is applied."""
+
+
 def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
-    """Gradient ascent on the defense subset until its accuracy <= CA_min. Accuracy is the running
-    accuracy of each epoch's train-mode predictions, checked once per epoch (the public code's rule:
-    it needs no extra forward pass)."""
+    """Gradient ascent on the defense subset until its accuracy <= CA_min. stop_rule 'epoch': the
+    running accuracy of each epoch's train-mode predictions, checked after the epoch (the public
+    code's rule). 'step': before every ascent step, the accuracy of the current model on that step's
+    mini-batch (the same train-mode forward, so no extra pass); <= CA_min ends unlearning without
+    taking the step. Both stop after unlearning_epochs at the latest."""
     cfg = run.cfg
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearning_lr,
                                 momentum=cfg.unlearning_momentum,
                                 weight_decay=cfg.unlearning_weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
+    steps, batch_acc = 0, None
+
+    def loss_fn(logits, labels):
+        nonlocal steps, batch_acc
+        if cfg.stop_rule == "step":
+            batch_acc = (logits.argmax(1) == labels).float().mean().item()
+            if batch_acc <= cfg.clean_threshold:
+                raise _ThresholdReached
+        steps += 1
+        return cross_entropy(logits, labels)
+
     reached, epochs = False, 0
     with progress(cfg.unlearning_epochs * len(batches), "unlearning") as bar:
         for epoch in range(cfg.unlearning_epochs):
-            stats = train_epoch(model, batches, optimizer, cross_entropy, ascent=True,
-                                clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar)
-            run.log_epoch("unlearning", epoch, stats, optimizer, model)
-            scheduler.step()
+            try:
+                stats = train_epoch(model, batches, optimizer, loss_fn, ascent=True,
+                                    clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar)
+                reached = stats["train_acc"] <= cfg.clean_threshold and cfg.stop_rule == "epoch"
+            except _ThresholdReached:  # a partial epoch: report the batch that met CA_min
+                stats, reached = {"train_acc": batch_acc}, True
+            run.log_epoch("unlearning", epoch, {**stats, "steps": steps}, optimizer, model)
             epochs = epoch + 1
-            if stats["train_acc"] <= cfg.clean_threshold:
-                reached = True
+            if reached:
                 break
+            scheduler.step()
     if not reached:
         log.warning("unlearning never brought defense accuracy to <= %.2f in %d epochs (last "
                     "%.3f); scoring the weights as they are", cfg.clean_threshold, epochs,
                     stats["train_acc"])
-    return {"epochs": epochs, "reached_threshold": reached, "final_train_acc": stats["train_acc"]}
+    return {"epochs": epochs, "steps": steps, "stop_rule": cfg.stop_rule,
+            "reached_threshold": reached, "final_train_acc": stats["train_acc"]}
 
 
-def score_neurons(w_pre: torch.Tensor, w_post: torch.Tensor, tau: float, ht: int) -> dict:
+def spread(scores: torch.Tensor, dispersion: str) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """(center, name, raw spread) of the scores: median and MAD, mean and population SD (Appendix
+    C's sigma), or median and Q3 - Q1 (linear interpolation between order statistics)."""
+    if dispersion == "sd":
+        return scores.mean(), "SD", scores.std(correction=0)
+    median = scores.median()  # the lower middle value for an even count, as the public code
+    if dispersion == "iqr":
+        q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75]))
+        return median, "IQR", q3 - q1
+    return median, "MAD", (scores - median).abs().median()
+
+
+def score_neurons(w_pre: torch.Tensor, w_post: torch.Tensor, tau: float, ht: int,
+                  dispersion: str = "mad") -> dict:
     """Flag classifier neurons (rows) whose weights moved abnormally far during unlearning.
 
-    score_j = sum_k |w_post[j,k] - w_pre[j,k]|; modified z-score z_j = |score_j - median| /
-    (1.4826 MAD); flagged: z_j > tau in the upper tail, the `ht` LARGEST scores kept (Alg. 2 sorts
-    by deviation; ties broken by the lower index). MAD = 0 (over half the neurons moved identically)
-    falls back to 1.2533 x the mean absolute deviation; if that is 0 too, nothing is an outlier."""
+    score_j = sum_k |w_post[j,k] - w_pre[j,k]|; z_j = (score_j - center) / scale with the scale of
+    `dispersion` (mad: modified z-score, 1.4826 MAD); flagged: z_j > tau (upper tail only), the `ht`
+    LARGEST scores kept (Alg. 2 sorts by deviation; ties broken by the lower index). A zero spread
+    (e.g. over half the neurons moved identically) falls back to 1.2533 x the mean absolute
+    deviation from the center; if that is 0 too, nothing is an outlier."""
     scores = (w_post.float() - w_pre.float()).abs().sum(1).cpu()
-    median = scores.median()  # the lower middle value for an even count, as the public code
-    deviation = (scores - median).abs()
-    mad = deviation.median()
-    scale_name, scale = "MAD", MAD_TO_SIGMA * mad
-    if mad == 0:
-        scale_name, scale = "mean_absolute_deviation", MEAN_AD_TO_SIGMA * deviation.mean()
+    center, scale_name, raw = spread(scores, dispersion)
+    deviation = scores - center
+    scale = SIGMA_PER_SPREAD[dispersion] * raw
+    if scale == 0:
+        scale_name, scale = "mean_absolute_deviation", MEAN_AD_TO_SIGMA * deviation.abs().mean()
     ranking = sorted(range(len(scores)), key=lambda j: (-scores[j].item(), j))  # largest first
     if scale > 0:
-        is_outlier = (deviation / scale > tau) & (scores > median)
-        outliers = [j for j in ranking if is_outlier[j]]
+        outliers = [j for j in ranking if deviation[j] / scale > tau]
     else:
         scale_name, outliers = "none (all scores equal)", []
     flagged = outliers[:ht] if ht > 0 else outliers
     tie_at_cap = 0 < ht < len(outliers) and scores[outliers[ht - 1]] == scores[outliers[ht]]
-    return {"scores": [round(s, 6) for s in scores.tolist()], "median": median.item(),
-            "mad": mad.item(), "scale": scale_name, "scale_value": float(scale),
-            "threshold": (median + tau * scale).item(), "ranking": ranking, "outliers": outliers,
-            "flagged": flagged,
+    median = scores.median()
+    return {"scores": [round(s, 6) for s in scores.tolist()], "dispersion": dispersion,
+            "center": center.item(), "median": median.item(),
+            "mad": (scores - median).abs().median().item(), "scale": scale_name,
+            "scale_value": float(scale), "threshold": (center + tau * scale).item(),
+            "ranking": ranking, "outliers": outliers, "flagged": flagged,
             "tie_at_cap": bool(tie_at_cap)}
+
+
+def random_neurons(num_neurons: int, k: int, seed: int) -> list[int]:
+    """Table VI's control: k distinct neurons drawn uniformly with a generator seeded by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_neurons, generator=generator)[:k].tolist())
 
 
 # ---------------------------------------------------------------- Algorithm 3: relearning
@@ -131,17 +199,29 @@ def cosine_penalty(weight: torch.Tensor, neurons: list[int], w_ori: torch.Tensor
     return F.cosine_similarity(weight[neurons].float(), w_ori.float(), dim=1).sum()
 
 
+def inner_penalty(weight: torch.Tensor, neurons: list[int], w_ori: torch.Tensor) -> torch.Tensor:
+    """sum over flagged neurons i of w_i . w_i^ori: magnitude and direction (Appendix D)."""
+    if not neurons:
+        return weight.new_zeros(())
+    return (weight[neurons].float() * w_ori.float()).sum()
+
+
+PENALTIES = {"cosine": cosine_penalty, "inner": inner_penalty,
+             "none": lambda weight, neurons, w_ori: weight.new_zeros(())}  # Table V's "without Reg"
+
+
 def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int],
             w_ori: torch.Tensor) -> dict:
-    """Train all parameters on the defense subset with CE + alpha * cosine penalty."""
+    """Train all parameters on the defense subset with CE + alpha * penalty. The cosine to the
+    original rows is logged whatever the penalty, as the measure of how far they moved away."""
     cfg = run.cfg
+    penalty = PENALTIES[cfg.regularizer]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.relearn_lr,
                                 momentum=cfg.relearn_momentum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.relearn_epochs)
 
     def loss_fn(logits, labels):
-        return cross_entropy(logits, labels) + cfg.alpha * cosine_penalty(linear.weight, neurons,
-                                                                          w_ori)
+        return cross_entropy(logits, labels) + cfg.alpha * penalty(linear.weight, neurons, w_ori)
 
     with progress(cfg.relearn_epochs * len(batches), "relearning") as bar:
         for epoch in range(cfg.relearn_epochs):
@@ -149,7 +229,7 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
             stats["cosine"] = cosine_penalty(linear.weight.detach(), neurons, w_ori).item()
             run.log_epoch("relearning", epoch, stats, optimizer, model)
             scheduler.step()
-    return {"epochs": cfg.relearn_epochs,
+    return {"epochs": cfg.relearn_epochs, "regularizer": cfg.regularizer,
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
@@ -160,16 +240,19 @@ def check_config(cfg) -> None:
                           ("relearn_lr", cfg.relearn_lr > 0, "> 0"),
                           ("clean_threshold", cfg.clean_threshold <= 1, "<= 1"),
                           ("tau", cfg.tau > 0, "> 0"), ("ht", cfg.ht >= 0, ">= 0"),
-                          ("alpha", cfg.alpha >= 0, ">= 0"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
+                          ("alpha", cfg.alpha >= 0, ">= 0"), ("random_k", cfg.random_k >= 1, ">= 1"),
+                          ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                          ("tag", re.fullmatch(r"[\w.+-]*", cfg.tag), "letters, digits, . + - _")):
         require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
 
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
     check_config(cfg)
-    with DefenseRun(cfg, "ulrl") as run:
+    with DefenseRun(cfg, f"ulrl_{cfg.tag}" if cfg.tag else "ulrl") as run:
         model, linear = run.model, run.linear
+        require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
+                f"--random_k {cfg.random_k} exceeds the {linear.out_features} classifier neurons")
         before = run.timed("evaluation_before", run.evaluate)
         batches = run.batches()
 
@@ -178,15 +261,18 @@ def main(argv=None):
         unlearning = run.timed("unlearning", unlearn, run, model, batches)
         w_post = linear.weight.detach().clone()
         # Lines 9-17: score the neurons and flag the outliers.
-        found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht)
+        found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion)
         neurons = found["flagged"]
-        log.info("neuron scores: median %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
-                 found["median"], found["scale"], found["scale_value"], found["threshold"],
+        log.info("neuron scores: center %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
+                 found["center"], found["scale"], found["scale_value"], found["threshold"],
                  neurons, found["outliers"])
         if found["tie_at_cap"]:
             log.warning("scores tie at the cap ht=%d: kept the lower neuron index", cfg.ht)
         action = "reinitialize"
-        if not neurons:
+        if cfg.selection == "random":  # Table VI: a random choice instead of unlearning's
+            neurons = random_neurons(linear.out_features, cfg.random_k, cfg.seed)
+            log.info("selection random: reinitializing neurons %s", neurons)
+        elif not neurons:
             action = cfg.no_flag_action
             log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
             if action == "top":
@@ -204,8 +290,11 @@ def main(argv=None):
         after = run.timed("evaluation_after", run.evaluate)
         run.finish(before, after, {
             "flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
-            "identification": found, "no_flag_action": action if action != "reinitialize" else None,
+            "identification": found, "selection": cfg.selection,
+            "no_flag_action": action if action != "reinitialize" else None,
             "unlearning": unlearning, "relearning": relearning})
+        if cfg.plots:
+            write_plots(run.out)
 
 
 if __name__ == "__main__":

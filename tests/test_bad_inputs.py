@@ -284,8 +284,6 @@ def test_ratio_outside_0_1(capsys, record, data_root, ratio):
     assert_no_result(record, started=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs in utils/defense.py DefenseRun._load, after "
-                   "select_subset: require(len(self.subset_index) >= record.num_classes, ...)")
 def test_defense_subset_smaller_than_the_class_count(capsys, record, data_root):
     line = fails(capsys, ulrl_args(record, data_root, "--ratio", "0.01"))  # 6 images, 10 classes
     assert "6 images" in line and "10 classes" in line and "--ratio" in line
@@ -430,8 +428,6 @@ def test_conflicting_options_mechanism():
         parse_config(options, "t", ["--index", "i.txt", "--ratio", "0.1"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs in utils/defense.py DEFENSE_OPTIONS: "
-                   "\"index\": Option(..., conflicts=(\"ratio\",))")
 def test_conflicting_options_index_and_ratio(capsys, record, data_root, tmp_path):
     index = tmp_path / "index.txt"
     index.write_text("1\n2\n")

@@ -17,6 +17,7 @@ from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.io import check_writable, write_csv, write_json, write_text
 from utils.record import backdoor_set, load_attack_record, save_defense_result
+from utils.retune import RETUNE_OPTIONS, retune_check, retune_set
 from utils.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, to_device
 
 DEFENSE_OPTIONS = {
@@ -29,7 +30,8 @@ DEFENSE_OPTIONS = {
     "threads": Option(0, "CPU threads for torch (0: the cores this process may use)"),
     "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization"),
     "ratio": Option(0.01, "share of the clean training set used as defense data"),
-    "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str),
+    "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str,
+                    conflicts=("ratio",)),
     "batch_size": Option(128, "training batch size"),
     "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)"),
     "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
@@ -46,6 +48,7 @@ DEFENSE_OPTIONS = {
                                       "epoch (the public code's schedule; slow)"),
     "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
                                   "from whoever made it); only for records you made yourself"),
+    **RETUNE_OPTIONS,
 }
 
 
@@ -117,7 +120,8 @@ class DefenseRun:
                     f"drop --{key} or pick the matching record")
         spec = self.spec = get_dataset(record.clean_data)
         require(record.num_classes == spec.num_classes,
-                f"record says {record.num_classes} classes but {spec.name} has {spec.num_classes}")
+                f"record says {record.num_classes} classes but {spec.name} has {spec.num_classes}: "
+                "the record was made on another data set; pick the matching record")
         channels = input_channels(record.state_dict)
         self.model = build_model(record.model_name, record.num_classes, in_channels=channels,
                                  image_size=spec.image_size[0])
@@ -131,12 +135,17 @@ class DefenseRun:
         clean_test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
         bd_test = backdoor_set(record.bd_test, clean_test, self.folder)
         self.subset_index = select_subset(len(clean_train), cfg)
+        require(len(self.subset_index) >= record.num_classes,
+                f"the defense subset has {len(self.subset_index)} images, fewer than the "
+                f"{record.num_classes} classes: raise --ratio or list more indices in --index")
         # The model decides the channel count (read from its weights); data are converted to it.
         self.defense_data = clean_train.subset(self.subset_index).with_channels(channels)
         self.clean_test = clean_test.with_channels(channels)
         self.bd_test = bd_test.with_channels(channels)
         self.defense_data, self.clean_test, self.bd_test = (
             d.to(self.device) for d in (self.defense_data, self.clean_test, self.bd_test))
+        if cfg.retune_check:  # built now, so that a record it cannot use fails before the defense
+            self.retune_set = retune_set(record, clean_train, self.defense_data, cfg, channels)
         self.preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
         if cfg.curve_samples > 0:  # the same images after every epoch, so curves are comparable
             gen = torch.Generator().manual_seed(cfg.seed)
@@ -192,9 +201,10 @@ class DefenseRun:
         """Write defense_result.pt, summary.json, <method>_df.csv, <method>_df_summary.csv."""
         record, cfg = self.record, self.cfg
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         save_defense_result(self.out / "defense_result.pt", model_name=record.model_name,
                             num_classes=record.num_classes, state_dict=state)
+        if cfg.retune_check:  # on a copy of the model, after its weights were saved
+            details = {**details, "retune": self.timed("retune", retune_check, self)}
         self.times["total"] = time.perf_counter() - self.start
         summary = {
             "method": self.method, "record": str(self.folder), "dataset": record.clean_data,
@@ -209,6 +219,8 @@ class DefenseRun:
         }
         write_json(self.out / "summary.json", summary)
         write_csv(self.out / f"{self.method}_df.csv", self.epochs)
+        # last: a rerun that fails earlier leaves no new index next to an older run's result
+        write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         write_csv(self.out / f"{self.method}_df_summary.csv",
                   [{"model": "backdoored", **before}, {"model": self.method, **after}])
         log.info("%-10s %8s %8s %8s", "", "C-ACC", "ASR", "RA")

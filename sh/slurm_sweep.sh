@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The sweep on a SLURM cluster: one array task = one (record, defense) pair.
+#
+#   bash sh/slurm_sweep.sh [--dry-run] [--sbatch "ARGS"] [SWEEP OPTIONS] [NAME_OR_GLOB...] [-- EXTRA DEFENSE ARGS]
+#   bash sh/slurm_sweep.sh --sbatch "--partition gpu --gres gpu:1 --time 1:00:00" --defenses "ft ulrl"
+#
+# Lists the unfinished pairs with `sh/sweep.sh --task_list` (same options: --record_dir, --defenses,
+# --tag, --force, patterns, extra arguments) into <record_dir>/slurm/tasks-<time>.txt and submits
+# `sbatch --array=1-N <ARGS> sh/slurm_sweep.sh --task <file>`; array task i runs line i of the file,
+# its output in <record_dir>/slurm/<job>_<i>.out. --sbatch defaults to "--gres=gpu:1". To resume after
+# failures or a time limit, run the same command again: finished pairs are not listed. --dry-run
+# prints the task list and the sbatch command without submitting.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+
+if [ "${1:-}" = "--task" ]; then  # inside an array task
+  line=$(sed -n "${SLURM_ARRAY_TASK_ID:?not inside a SLURM array task}p" "$2")
+  [ -n "$line" ] || { echo "no task ${SLURM_ARRAY_TASK_ID} in $2" >&2; exit 2; }
+  echo "$line"
+  exec bash -c "$line"
+fi
+
+dry=0; sbatch_args="--gres=gpu:1"; record_dir=record; sweep=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --sbatch) sbatch_args="$2"; shift ;;
+    --record_dir) record_dir="$2"; sweep+=("$1" "$2"); shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --) sweep+=("$@"); break ;;
+    *) sweep+=("$1") ;;
+  esac
+  shift
+done
+
+[ -d "$record_dir" ] || { echo "no folder $record_dir: pass --record_dir" >&2; exit 2; }
+record_dir="$(cd "$record_dir" && pwd)"
+if [ $dry -eq 1 ]; then  # a dry run leaves nothing behind
+  tasks=$(mktemp); trap 'rm -f "$tasks"' EXIT
+else
+  mkdir -p "$record_dir/slurm"
+  tasks="$record_dir/slurm/tasks-$(date +%Y%m%d-%H%M%S).txt"
+fi
+bash "$ROOT/sh/sweep.sh" --task_list "$tasks" "${sweep[@]+"${sweep[@]}"}" || true
+n=$(wc -l < "$tasks")
+[ "$n" -gt 0 ] || { echo "nothing to run: every pair has its summary.json (--force reruns)"; rm -f "$tasks"; exit 0; }
+# shellcheck disable=SC2206  # the sbatch arguments are meant to split on spaces
+submit=(sbatch --job-name sweep --array "1-$n" --output "$record_dir/slurm/%A_%a.out" $sbatch_args
+        "$ROOT/sh/slurm_sweep.sh" --task "$tasks")
+if [ $dry -eq 1 ]; then
+  cat "$tasks"
+  printf '%q ' "${submit[@]}"; echo
+  exit 0
+fi
+command -v sbatch >/dev/null 2>&1 || { echo "sbatch not found: run this on the cluster's login node (or --dry-run)" >&2; exit 2; }
+"${submit[@]}"

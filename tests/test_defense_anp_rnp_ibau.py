@@ -1,0 +1,212 @@
+"""ANP, RNP and I-BAU: the shared BatchNorm-mask pieces on tiny tensors, I-BAU's hypergradient
+against finite differences, and each defense end to end on the small BadNets record."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from defense import anp, ibau, rnp
+from models import build_model
+from utils.bn_mask import MaskedBatchNorm2d, channels_at_or_below, choose_threshold, \
+    clamp_masks, mask_batchnorms, prune_channels, set_perturbed
+from utils.errors import UserError
+from utils.record import load_attack_record, load_defense_result
+
+
+def conv_bn(channels=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels))
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- shared BatchNorm-mask pieces
+def test_masked_batchnorm_computes_gamma_times_mask_and_anp_noise():
+    bn = conv_bn()[1]
+    masked = MaskedBatchNorm2d(bn).eval()
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(masked(x), bn(x))  # mask 1, no noise: the plain layer
+    with torch.no_grad():
+        masked.mask.copy_(torch.tensor([1.0, 0.5, 0.0, 0.25]))
+        masked.weight_noise.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        masked.bias_noise.copy_(torch.tensor([-0.4, 0.2, 0.0, 0.1]))
+
+    def expected(scale, shift):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight * scale, bn.bias * shift,
+                            False, 0.0, bn.eps)
+
+    assert torch.allclose(masked(x), expected(masked.mask, 1))
+    set_perturbed({"bn": masked}, True)
+    assert torch.allclose(masked(x), expected(masked.mask + masked.weight_noise,
+                                              1 + masked.bias_noise))
+
+
+def test_mask_batchnorms_replaces_every_batchnorm_and_freezes_the_weights():
+    model = build_model("smallcnn", 10, in_channels=1)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    layers = mask_batchnorms(model, "rnp")
+    assert list(layers) == names and len(names) == 3
+    assert all(isinstance(model.get_submodule(n), MaskedBatchNorm2d) for n in names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.rsplit(".", 1)[1] in ("mask", "weight_noise", "bias_noise")
+                             for n in trainable)
+    with torch.no_grad():
+        layers[names[0]].mask.fill_(3.0)
+    clamp_masks(layers)
+    assert layers[names[0]].mask.max() == 1
+
+
+def test_a_model_without_batchnorm_is_one_clear_error():
+    with pytest.raises(UserError, match="no BatchNorm2d layer"):
+        mask_batchnorms(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "anp")
+
+
+@pytest.mark.parametrize("zero_beta", [False, True])
+def test_pruned_channels_have_zero_gamma_and_constant_or_zero_output(zero_beta):
+    model = conv_bn()
+    assert prune_channels(model, {"1": [1, 3]}, zero_beta) == 2
+    bn = model[1]
+    assert bn.weight[[1, 3]].eq(0).all() and bn.weight[[0, 2]].ne(0).all()
+    out = model(torch.randn(3, 1, 6, 6))
+    for c in (1, 3):  # gamma = 0: the channel outputs beta everywhere, 0 once beta is zeroed too
+        assert torch.allclose(out[:, c], bn.bias[c].expand_as(out[:, c]))
+        assert out[:, c].abs().max().item() == 0 if zero_beta else bn.bias[c] != 0
+    assert out[:, 0].std() > 0.1
+
+
+def test_channels_at_or_below_a_threshold():
+    masks = {"a": torch.tensor([0.0, 0.4, 0.41, 1.0]), "b": torch.tensor([0.9, 1.0])}
+    assert channels_at_or_below(masks, 0.4) == {"a": [0, 1]}
+    assert channels_at_or_below(masks, 0.95) == {"a": [0, 1, 2], "b": [0]}
+
+
+def test_threshold_rule_takes_the_largest_threshold_within_the_accuracy_budget():
+    model = conv_bn(channels=8)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {"1": torch.linspace(0.05, 0.75, 8)}  # 0.05, 0.15, ..., 0.75
+
+    def accuracy(m):  # a stand-in for defense-subset accuracy: loses 0.05 per pruned channel
+        return 0.9 - 0.05 * (m[1].weight == 0).sum().item()
+
+    found = choose_threshold(model, original, masks, [0.1, 0.3, 0.5, 0.7], accuracy, acc_drop=0.2)
+    # floor 0.72: thresholds 0.1 / 0.3 / 0.5 / 0.7 prune 1 / 3 / 5 / 7 channels -> 0.85 / 0.75 /
+    # 0.65 / 0.55, so 0.3 is the largest that passes
+    assert found["threshold"] == 0.3 and found["within_accuracy_budget"]
+    assert found["pruned"] == {"1": [0, 1, 2]} and found["pruned_channels"] == 3
+    assert [row["pruned_channels"] for row in found["table"]] == [1, 3, 5, 7]
+    assert model[1].weight[:3].eq(0).all() and model[1].weight[3:].ne(0).all()  # left pruned
+    none_pass = choose_threshold(model, original, masks, [0.5, 0.7], accuracy, acc_drop=0.01)
+    assert none_pass["threshold"] == 0.5 and not none_pass["within_accuracy_budget"]
+
+
+# ---------------------------------------------------------------- I-BAU's hypergradient
+def test_ibau_hypergradient_matches_finite_differences_through_the_fixed_point():
+    """With a strongly convex inner problem (large penalty) and many fixed-point terms, the implicit
+    hypergradient equals d/dtheta of the outer loss at the inner optimum delta*(theta)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 1, 2, 2, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = SimpleNamespace(amp=False, perturbation_penalty=1.0, inner_lr=0.2, fixed_point_steps=100)
+    carrier = torch.ones(6, 1, 1, 1, dtype=torch.double)
+
+    def inner_optimum():
+        delta = torch.zeros(1, 1, 2, 2, dtype=torch.double, requires_grad=True)
+        for _ in range(100):
+            objective, _ = ibau.inner_loss(model, x, y, delta, cfg.perturbation_penalty, False)
+            (g,) = torch.autograd.grad(objective, delta)
+            delta = (delta - cfg.inner_lr * g).detach().requires_grad_(True)
+        return delta.detach()
+
+    def outer_at_optimum():
+        delta = inner_optimum()
+        with torch.no_grad():
+            return F.cross_entropy(model(x + delta), y).item()
+
+    params = list(model.parameters())
+    ibau.hypergradient_step(model, params, inner_optimum(), x, y, carrier, cfg)
+    weight = params[0]
+    h, (i, j) = 1e-4, (1, 2)
+    analytic = weight.grad[i, j].item()
+    values = []
+    for step in (h, -h):
+        with torch.no_grad():
+            weight[i, j] += step
+        values.append(outer_at_optimum())
+        with torch.no_grad():
+            weight[i, j] -= step
+    up, down = values
+    numeric = (up - down) / (2 * h)
+    assert analytic == pytest.approx(numeric, rel=1e-3, abs=1e-6)
+    model.zero_grad()
+    direct = torch.autograd.grad(F.cross_entropy(model(x + inner_optimum()), y), weight)[0]
+    assert abs(direct[i, j].item() - numeric) > 1e-3  # the implicit term matters here
+
+
+# ---------------------------------------------------------------- end to end on BadNets
+def run_defense(module, method, record, *args):
+    records, name = record
+    module.main(["--result_file", name, "--record_dir", str(records), *map(str, args)])
+    out = records / name / "defense" / method
+    for f in ("defense_result.pt", "summary.json", f"{method}_df.csv", f"{method}_df_summary.csv",
+              f"{method}.log", "index.txt"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, load_defense_result(out / "defense_result.pt")["model"]
+
+
+def original_weights(record):
+    records, name = record
+    return load_attack_record(records / name).state_dict
+
+
+def check_pruned(summary, state, original):
+    """Only gamma of the chosen channels changed, to zero; the masks are recorded."""
+    pruning, masks = summary["pruning"], summary["masks"]
+    assert pruning["pruned_channels"] == sum(len(c) for c in pruning["pruned"].values()) > 0
+    for layer, values in masks.items():
+        assert len(values) == original[f"{layer}.weight"].numel()
+        assert all(0 <= v <= 1 for v in values)
+        pruned = set(pruning["pruned"].get(layer, []))
+        assert pruned == {c for c, v in enumerate(values) if v <= pruning["threshold"]}
+        gamma = state[f"{layer}.weight"]
+        for c in range(len(values)):
+            expected = 0 if c in pruned else original[f"{layer}.weight"][c]
+            assert gamma[c] == expected
+    changed = [k for k in state if not torch.equal(state[k], original[k].to(state[k].dtype))]
+    assert changed and all(k.endswith(".weight") and k.rsplit(".", 1)[0] in masks for k in changed)
+
+
+def test_anp_prunes_the_backdoor_on_badnets(small_badnet_record):
+    summary, state = run_defense(anp, "anp", small_badnet_record, "--iterations", 120,
+                                 "--log_every", 40, "--yaml_path",
+                                 "config/defense/anp/fashion_mnist.yaml")
+    check_pruned(summary, state, original_weights(small_badnet_record))
+    assert summary["before"]["test_asr"] > 0.9
+    assert summary["after"]["test_asr"] < 0.2  # ANP is known to work on BadNets
+    assert summary["after"]["test_acc"] > summary["before"]["test_acc"] - 0.15
+
+
+def test_rnp_unlearns_recovers_and_prunes(small_badnet_record):
+    summary, state = run_defense(rnp, "rnp", small_badnet_record, "--recovering_epochs", 5,
+                                 "--yaml_path", "config/defense/rnp/fashion_mnist.yaml")
+    check_pruned(summary, state, original_weights(small_badnet_record))
+    assert summary["unlearning"]["reached_threshold"]
+    assert summary["pruning"]["defense_acc_floor"] == pytest.approx(
+        0.9 * summary["pruning"]["defense_acc_unpruned"])
+
+
+def test_ibau_changes_the_weights_and_lowers_the_asr(small_badnet_record):
+    summary, state = run_defense(ibau, "ibau", small_badnet_record, "--rounds", 2, "--yaml_path",
+                                 "config/defense/ibau/fashion_mnist.yaml")
+    original = original_weights(small_badnet_record)
+    assert any(not torch.equal(state[k], original[k]) for k in state if k.endswith("weight"))
+    assert len(summary["rounds"]) == 2
+    assert all(r["perturbation_norm"] > 0 for r in summary["rounds"])
+    assert summary["after"]["test_asr"] < 0.5 * summary["before"]["test_asr"]

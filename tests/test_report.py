@@ -1,0 +1,110 @@
+"""The report: the paper's Table I/II layout, DER and the retuning column from fixture summaries."""
+import csv
+import json
+
+import pytest
+
+from utils.report import der, main
+
+
+def metrics(acc, asr, ra=0.0):
+    return {"test_acc": acc, "test_asr": asr, "test_ra": ra}
+
+
+def put(root, record, method, before, after, *, attack=None, dataset="fashion_mnist",
+        model="smallcnn", retune=None):
+    """A record folder with one defense summary (and attack_summary.json when `attack`)."""
+    folder = root / record
+    (folder / "defense" / method).mkdir(parents=True, exist_ok=True)
+    if attack:
+        (folder / "attack_summary.json").write_text(json.dumps(
+            {"attack": attack, "dataset": dataset, "model": model}))
+    summary = {"method": method, "record": f"record/{record}", "dataset": dataset, "model": model,
+               "before": before, "after": after, "times_s": {"total": 1.0}}
+    if retune:
+        summary["retune"] = retune
+    (folder / "defense" / method / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture()
+def records(tmp_path):
+    root = tmp_path / "record"
+    put(root, "bn", "ulrl", metrics(0.90, 0.99), metrics(0.88, 0.01), attack="badnet",
+        retune=metrics(0.85, 0.60))
+    put(root, "bn", "ft", metrics(0.90, 0.99), metrics(0.91, 0.50), attack="badnet")
+    put(root, "bl", "ulrl", metrics(0.80, 0.95), metrics(0.79, 0.05), attack="blended")
+    put(root, "m1", "ulrl", metrics(0.97, 0.90), metrics(0.96, 0.00), dataset="mnist")  # no attack file
+    put(root, "v1", "ulrl", metrics(0.70, 0.80), metrics(0.70, 0.10), attack="badnet",
+        model="vgg19_bn")
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_der_is_backdoorbench_definition():
+    assert der(metrics(0.90, 0.99), metrics(0.88, 0.01)) == pytest.approx(100 * (0.98 - 0.02 + 1) / 2)
+    # a C-ACC gain is not rewarded and an ASR rise is not penalized beyond 0 (the max(0, .) terms)
+    assert der(metrics(0.90, 0.99), metrics(0.91, 0.50)) == pytest.approx(100 * (0.49 + 1) / 2)
+    assert der(metrics(0.90, 0.10), metrics(0.90, 0.30)) == pytest.approx(50.0)
+
+
+def test_table_rows_columns_averages_and_retune(records, tmp_path, capsys):
+    assert main([str(records), "--out", str(tmp_path / "t")]) == 0
+    rows = read_csv(tmp_path / "t.csv")
+    small = [r for r in rows if r["model"] == "smallcnn"]
+    assert [(r["dataset"], r["attack"]) for r in small] == [
+        ("fashion_mnist", "badnet"), ("fashion_mnist", "blended"), ("fashion_mnist", "Average"),
+        ("mnist", "m1"), ("mnist", "Average")]  # attack falls back to the record name
+    badnet = small[0]
+    assert float(badnet["no_defense_acc"]) == pytest.approx(90.0)
+    assert float(badnet["no_defense_asr"]) == pytest.approx(99.0)
+    assert float(badnet["ulrl_acc_change"]) == pytest.approx(-2.0)  # defended minus undefended
+    assert float(badnet["ulrl_asr"]) == pytest.approx(1.0)
+    assert float(badnet["ulrl_der"]) == pytest.approx(98.0)
+    assert float(badnet["ulrl_retune_asr"]) == pytest.approx(60.0)
+    assert float(badnet["ft_acc_change"]) == pytest.approx(1.0)
+    blended, average = small[1], small[2]
+    assert blended["ft_asr"] == "" and blended["ulrl_retune_asr"] == ""  # not run: left empty
+    assert float(average["ulrl_asr"]) == pytest.approx((1.0 + 5.0) / 2)
+    assert float(average["ft_asr"]) == pytest.approx(50.0)  # over the rows that have it
+    assert float(average["no_defense_acc"]) == pytest.approx(85.0)
+    assert "ft_retune_asr" not in rows[0]  # no ft run was retuned: no column
+
+    md = (tmp_path / "t.md").read_text()
+    assert md == capsys.readouterr().out.split("written")[0].rstrip("\n") + "\n"
+    assert "### smallcnn" in md and "### vgg19_bn" in md  # one table per model, like Tables I/II
+    assert "| ft ΔC-ACC | ft ASR | ft DER | ulrl ΔC-ACC | ulrl ASR | ulrl DER | ulrl ASR after " \
+           "retune |" in md
+    assert "| fashion_mnist | badnet | bn | 90.00 | 99.00 | +1.00 | 50.00 | 74.50 | -2.00 | " \
+           "1.00 | 98.00 | 60.00 |" in md
+    assert "|  | blended | bl | 80.00 | 95.00 | – | – | – | -1.00 | 5.00 | 94.50 | – |" in md
+
+
+def test_defenses_option_picks_and_orders_columns(records, tmp_path):
+    main([str(records), "--out", str(tmp_path / "t"), "--defenses", "ulrl", "ft"])
+    header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
+    assert header.index("ulrl_asr") < header.index("ft_asr")
+    main([str(records), "--out", str(tmp_path / "u"), "--defenses", "ulrl"])
+    assert "ft_asr" not in (tmp_path / "u.csv").read_text()
+
+
+def test_default_output_goes_into_the_folder_given(records):
+    main([str(records)])
+    assert (records / "report.md").is_file() and (records / "report.csv").is_file()
+
+
+def test_summary_files_print_one_line_each(records, capsys):
+    assert main([str(records / "bn/defense/ulrl/summary.json"),
+                 str(records / "bn/defense/ft/summary.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("bn ") for line in lines)
+    assert "retuned ASR  60.00" in lines[1] and "ASR  99.00 ->   1.00" in lines[1]
+    assert not (records / "report.md").exists()
+
+
+def test_no_result_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    assert "no defense results" in capsys.readouterr().err
