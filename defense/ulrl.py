@@ -277,6 +277,9 @@ def main(argv=None):
             log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
             if action == "top":
                 neurons = found["ranking"][:max(cfg.ht, 1)]
+        if len(neurons) == linear.out_features:
+            log.warning("every classifier neuron is flagged (%d): the whole classifier is "
+                        "relearned from scratch; lower --ht or raise --tau", len(neurons))
         # Line 18: revert to the original (backdoored) weights, BatchNorm buffers included.
         model.load_state_dict(run.original_state())
 

@@ -316,8 +316,6 @@ def test_mad_zero_flags_nothing_and_says_so(record, data_root):
     assert found["flagged"] == [] and "no neuron was flagged" in (out / "ulrl.log").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="needs in defense/ulrl.py main, after the no_flag_action "
-                   "block: a log.warning when len(neurons) == linear.out_features")
 def test_every_neuron_flagged_is_reported(record, data_root):
     main_guard(ulrl.main, ulrl_args(record, data_root, "--tau", "1e9", "--no_flag_action", "top",
                                     "--ht", 10))
