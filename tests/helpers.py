@@ -2,10 +2,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from models import build_model
 from utils.data import ImageSet
+from utils.datasets import find_dataset_folder
 from utils.record import save_attack_record
 from tests.test_datasets import idx_bytes
 
@@ -36,3 +38,15 @@ def write_fashion_mnist(data_root: Path, n_train: int, n_test: int, seed: int = 
             idx_bytes(rng.integers(0, 256, (n, side, side))))
         (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
     return data_root
+
+
+def have_fashion_mnist() -> bool:
+    try:
+        find_dataset_folder("fashion_mnist", Path(__file__).resolve().parents[1] / "data")
+        return True
+    except Exception:
+        return False
+
+
+needs_fashion_mnist = pytest.mark.skipif(not have_fashion_mnist(),
+                                         reason="Fashion-MNIST not installed (bash sh/install.sh)")

@@ -11,7 +11,8 @@ from attack import semantic, ssba
 from utils.attack import AttackContext
 from utils.config import parse_config
 from utils.data import ImageSet
-from utils.datasets import find_dataset_folder, get_dataset, load_clean_dataset
+from tests.helpers import needs_fashion_mnist
+from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.record import backdoor_set, load_attack_record, safe_load
 from utils.stega import Stega, embed, embedding_quality, secret_bits, train_stega
@@ -20,16 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 28), (3, 32), (3, 64)]
 
 
-def have_fashion_mnist() -> bool:
-    try:
-        find_dataset_folder("fashion_mnist", ROOT / "data")
-        return True
-    except Exception:
-        return False
-
-
-needs_data = pytest.mark.skipif(not have_fashion_mnist(),
-                                reason="Fashion-MNIST not installed (bash sh/install.sh)")
+needs_data = needs_fashion_mnist
 
 
 def random_images(n, channels, size, seed=0):

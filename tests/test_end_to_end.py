@@ -8,23 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.datasets import find_dataset_folder
+from tests.helpers import needs_fashion_mnist
 from utils.record import load_attack_record, load_defense_result
 
 ROOT = Path(__file__).resolve().parents[1]
 ULRL_YAML = ROOT / "config/defense/ulrl/fashion_mnist.yaml"
 
 
-def have_fashion_mnist() -> bool:
-    try:
-        find_dataset_folder("fashion_mnist", ROOT / "data")
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not have_fashion_mnist(),
-                                reason="Fashion-MNIST not installed (bash sh/install.sh)")
+pytestmark = needs_fashion_mnist
 
 
 def run(script, *args, cwd=ROOT):
