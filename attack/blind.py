@@ -99,8 +99,8 @@ def normalizer(grad: torch.Tensor, loss: torch.Tensor, kind: str) -> torch.Tenso
 
 
 class BlindLoss:
-    """The attacker's loss code: `transform` appends the triggered copy of a batch, `__call__` splits
-    the logits and returns the balanced loss."""
+    """The attacker's loss code: `transform` appends the triggered copy of a batch, `__call__`
+    splits the logits and returns the balanced loss."""
 
     def __init__(self, cfg, model, trigger: torch.Tensor, num_classes: int):
         self.cfg, self.trigger = cfg, trigger  # trigger: normalized [1, C, p, p] on the device

@@ -4,11 +4,14 @@ drawn by a pattern generator G and placed by a mask generator M.
     python attack/inputaware.py --yaml_path config/attack/inputaware/default.yaml
 
 G and M are small conv encoder-decoders on [0, 1] images (two 2x poolings, 16/32 channels, no
-BatchNorm); the triggered image is x + m(x) (G(x) - x), with m(x) = M's output sharpened towards 0/1. Training:
+BatchNorm); the triggered image is x + m(x) (G(x) - x), with m(x) = M's output sharpened towards
+0/1. Training:
 1. M alone for mask_epochs: lambda_div x diversity + lambda_norm x mean(relu(m - mask_density)),
    where diversity = mean over pairs of ||x - x'|| / ||m(x) - m(x')|| (x' = another image of the
-   batch), so different images get different masks that cover about mask_density of the pixels.
-   Adam (betas 0.5, 0.9), lr_M, lr divided by 10 after 40 % and 80 % of the epochs.
+   batch; RMS distances with 1e-7 added under the root, where BackdoorBench adds it to the
+   denominator: identical outputs otherwise give NaN gradients), so different images get
+   different masks that cover about mask_density of the pixels. Adam (betas 0.5, 0.9), lr_M, lr
+   divided by 10 after 40 % and 80 % of the epochs.
 2. Victim and G jointly, M frozen: in each batch the first int(pratio x batch) images get their own
    trigger and the target label, the next cross_ratio x that many get the trigger (pattern and mask)
    of another image and keep their labels (so a trigger only works on its own image), the rest stay
@@ -47,7 +50,8 @@ log = logging.getLogger("backdoor")
 
 OPTIONS = {
     **ATTACK_OPTIONS,
-    "cross_ratio": Option(1.0, "cross-trigger samples (true labels) per backdoor sample in a batch"),
+    "cross_ratio": Option(1.0, "cross-trigger samples (true labels) per backdoor sample in a "
+                               "batch"),
     "lr_G": Option(0.01, "Adam learning rate of the pattern generator"),
     "lr_M": Option(0.01, "Adam learning rate of the mask generator"),
     "mask_epochs": Option(25, "epochs of mask-generator training before the victim is trained"),
@@ -75,7 +79,8 @@ class TriggerNet(nn.Module):
             *block(width, 2 * width), nn.MaxPool2d(2),
             *block(2 * width, 2 * width),
             nn.Upsample(scale_factor=2, mode="bilinear"), *block(2 * width, width),
-            nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(width, out_channels, 3, padding=1))
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(width, out_channels, 3, padding=1))
 
     def forward(self, x):
         out = self.net(x)
@@ -94,10 +99,12 @@ def apply_trigger(u: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) ->
 
 
 def diversity(u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Mean of ||u_i - u_j|| / ||out_i - out_j|| over the pairs (i, i - 1) of the batch."""
+    """Mean of ||u_i - u_j|| / ||out_i - out_j|| over the pairs (i, i - 1) of the batch (RMS
+    distances). EPS sits inside the square root: two identical (saturated) outputs have distance
+    0, where the root's gradient is infinite and turned the generator's weights into NaN."""
     def dist(t):
-        return (t - t.roll(1, 0)).pow(2).mean(dim=(1, 2, 3)).sqrt()
-    return (dist(u) / (dist(out) + EPS)).mean()
+        return (t - t.roll(1, 0)).pow(2).mean(dim=(1, 2, 3)).add(EPS).sqrt()
+    return (dist(u) / dist(out)).mean()
 
 
 def inputaware_poison(u: torch.Tensor, pattern_net: nn.Module, mask_net: nn.Module) -> torch.Tensor:
@@ -169,7 +176,8 @@ def make_attack(ctx, cfg) -> Attack:
     require(cfg.mask_epochs >= 0, f"--mask_epochs must be >= 0, got {cfg.mask_epochs}")
     require(cfg.cross_ratio >= 0, f"--cross_ratio must be >= 0, got {cfg.cross_ratio}")
     height, width, _ = ctx.spec.image_size
-    require(min(height, width) >= 4, f"InputAware needs images of at least 4x4, not {height}x{width}")
+    require(min(height, width) >= 4,
+            f"InputAware needs images of at least 4x4, not {height}x{width}")
     pattern_net = TriggerNet(ctx.channels, ctx.channels).to(ctx.device)
     mask_net = TriggerNet(ctx.channels, 1).to(ctx.device)
     details = {"inputaware": {"cross_ratio": cfg.cross_ratio, "mask_epochs": cfg.mask_epochs,
@@ -194,8 +202,8 @@ def make_attack(ctx, cfg) -> Attack:
 
 
 def main(argv=None):
-    cfg = parse_config(OPTIONS, "Input-aware dynamic backdoor: writes a BackdoorBench-format record",
-                       argv)
+    cfg = parse_config(OPTIONS, "Input-aware dynamic backdoor: writes a BackdoorBench-format "
+                                "record", argv)
     return run_attack(cfg, "inputaware", lambda ctx: make_attack(ctx, cfg))
 
 

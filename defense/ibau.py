@@ -5,16 +5,16 @@
 The minimax problem min_theta max_delta (1/n) sum_i CE(f_theta(x_i + delta), y_i) over the defense
 subset, with ONE universal perturbation delta (shape [1, C, H, W], in normalized input space),
 solved in `rounds` (5) rounds of:
-1. inner maximization: delta = 0, then `perturbation_epochs` (1) passes over the defense subset of
-   gradient steps (lr 10, one per batch)
-   on -CE(f(x + delta), y) + perturbation_penalty * ||delta||^2 (penalty 0.001); optionally
-   projected onto the L2 ball of `perturbation_radius` (0: no projection, as the public code);
-2. outer step per defense batch with Adam (lr 1e-4): the hypergradient of the outer loss
-   L = CE(f(x + delta), y) through the fixed point delta* = delta - 0.1 * grad_delta(inner loss),
-   dL/dtheta = dL/dtheta|_delta + (dPhi/dtheta)^T v, v = sum_{k<K} (dPhi/ddelta)^T^k dL/ddelta,
-   K = `fixed_point_steps` (5) terms (the public code's fixed-point iteration).
+1. inner maximization: delta = 0, then `perturbation_epochs` (1) passes over the defense subset,
+   one gradient step (lr 10) per batch on -CE(f(x + delta), y) + perturbation_penalty * ||delta||^2
+   (0.001), each step projected onto the L2 ball ||delta|| <= `perturbation_radius` (0: none);
+2. one Adam step (lr 1e-4) per defense batch along the hypergradient of the outer loss
+   L = CE(f(x + delta), y) through the fixed point of Phi(delta) = delta - 0.1 grad_delta(inner loss):
+   dL/dtheta = dL/dtheta|_delta + (dPhi/dtheta)^T v, v = sum_{k<K} ((dPhi/ddelta)^T)^k dL/ddelta,
+   K = `fixed_point_steps` (5), the public code's fixed-point iteration.
 The model stays in eval mode throughout (as the public code: BatchNorm uses its running statistics
-and is not updated). summary.json records each round's perturbation norm and losses.
+and is not updated). summary.json records each round's perturbation norm, the perturbation's CE
+(perturbation_loss), the outer loss and the running accuracy on the (partly) perturbed batches.
 
 Differences from the public code (YiZeng623/I-BAU, BackdoorBench's i-bau.py) and why:
 - the outer loss perturbs a share `perturbed_share` of each batch; the paper's objective perturbs
@@ -24,8 +24,11 @@ Differences from the public code (YiZeng623/I-BAU, BackdoorBench's i-bau.py) and
   batch of the subset;
 - the inner maximization uses the true labels (the paper's objective); the public code uses the
   model's predictions on the clean images;
+- `perturbation_radius` > 0 enforces the paper's ||delta|| <= C on every step (the public code
+  has the projection commented out and relies on the penalty); `perturbation_epochs` > 1 allows
+  more than the public code's single pass, which with 1 % data is only 2-3 steps;
 - batch 256 and Adam lr 1e-4 as BackdoorBench's yaml and ULRL's appendix; the original repository
-  used lr 1e-3 and batch 100 (on 5,000 images); with 1 % data this is ~2 outer steps a round;
+  used lr 1e-3 and batch 100 (on 5,000 images); with 1 % data this is 2-3 outer steps a round;
 - shared-core behaviour: tensor augmentation, no test evaluation inside the loop, bf16 on CUDA.
 """
 from __future__ import annotations

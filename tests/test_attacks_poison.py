@@ -279,4 +279,4 @@ def test_lc_record(fashion, tmp_path):
     bd_test, clean = check_record(folder, summary, fashion, poisoned=400, clean_label=True,
                                   min_asr=0.5)  # measured 93.9 %
     assert torch.equal(bd_test.images, lc.corner_trigger(clean, 3))
-    assert summary["pgd_clean_model_acc"] < summary["clean_model_test_acc"]
+    assert summary["clean_model_acc_after_pgd"] < summary["clean_model_acc_before_pgd"]

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from attack import blind, bpp, inputaware, wanet
 from models import build_model
+from tests.helpers import have_fashion_mnist
 from utils.config import parse_config
 from utils.controlled import apply_in_chunks
 from utils.data import Preprocess
-from utils.datasets import find_dataset_folder, get_dataset, load_clean_dataset
+from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.record import backdoor_set, load_attack_record
 
@@ -133,12 +134,14 @@ def test_mgda_weight_is_the_min_norm_combination():
 def test_blind_loss_balances_the_two_tasks_by_mgda(grads):
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, in_channels=1, image_size=28)
-    cfg = SimpleNamespace(patch_size=4, attack_target=0, loss_history=1, backdoor_loss_threshold=10.0,
-                          loss_balance="mgda", mgda_grads=grads, mgda_normalize="loss+")
+    cfg = SimpleNamespace(patch_size=4, attack_target=0, loss_history=1,
+                          backdoor_loss_threshold=10.0, loss_balance="mgda", mgda_grads=grads,
+                          mgda_normalize="loss+")
     loss_fn = blind.BlindLoss(cfg, model, torch.ones(1, 1, 4, 4), num_classes=10)
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 9 + 1
     both, labels = loss_fn.transform(x, y)
-    assert both.shape == (32, 1, 28, 28) and (labels[16:] == 0).all() and (both[16:, :, 1:5, 1:5] == 1).all()
+    assert both.shape == (32, 1, 28, 28) and (labels[16:] == 0).all()
+    assert (both[16:, :, 1:5, 1:5] == 1).all()
     logits = model(both)
     loss = loss_fn(logits, labels)
     clean = F.cross_entropy(logits[:16], y)
@@ -151,6 +154,17 @@ def test_blind_loss_balances_the_two_tasks_by_mgda(grads):
     assert torch.allclose(loss, alpha * clean + (1 - alpha) * backdoor, atol=1e-5)
     assert loss_fn.attacked == 1 and 0.001 <= loss_fn.alpha_sum <= 0.999
     loss.backward()  # the weighted loss still trains the model
+
+
+
+def test_inputaware_diversity_is_finite_when_two_outputs_coincide():
+    u = torch.rand(4, 1, 8, 8)
+    same = torch.ones(4, 1, 8, 8, requires_grad=True)  # saturated generator: identical patterns
+    loss = inputaware.diversity(u, same)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(same.grad).all()
+    apart = torch.rand(4, 1, 8, 8)
+    assert inputaware.diversity(u, apart) < loss  # different outputs are cheaper
 
 
 @pytest.mark.parametrize("size", [(28, 28), (30, 30), (64, 64)])
@@ -192,9 +206,7 @@ def test_inputaware_batch_gets_own_triggers_then_cross_triggers_then_clean_rows(
 @pytest.fixture(scope="module")
 def fashion():
     """The full clean Fashion-MNIST train and test sets (the records index into them)."""
-    try:
-        find_dataset_folder("fashion_mnist", "./data")
-    except UserError:
+    if not have_fashion_mnist():
         pytest.skip("Fashion-MNIST not installed (bash sh/install.sh)")
     return (load_clean_dataset("fashion_mnist", "./data", train=True),
             load_clean_dataset("fashion_mnist", "./data", train=False))
@@ -213,12 +225,14 @@ def make_record(module, tmp_path, fashion, *args):
     clean_train, clean_test = fashion
     bd_train = backdoor_set(record.bd_train, clean_train, folder)
     bd_test = backdoor_set(record.bd_test, clean_test, folder)
-    assert summary["poisoned_train"] == 500 == int(bd_train.poisoned.sum()) and len(bd_train) == 5000
+    assert summary["poisoned_train"] == 500 == int(bd_train.poisoned.sum())
+    assert len(bd_train) == 5000
     flagged = bd_train.poisoned
     assert (bd_train.labels[flagged] == 0).all() and (bd_train.true_labels[flagged] != 0).all()
     assert torch.equal(bd_train.images[~flagged], clean_train.images[bd_train.index[~flagged]])
     assert len(bd_test) == summary["bd_test_size"] and 850 < len(bd_test) < 950  # 9 of 10 classes
-    assert bd_test.poisoned.all() and (bd_test.labels == 0).all() and (bd_test.true_labels != 0).all()
+    assert bd_test.poisoned.all() and (bd_test.labels == 0).all()
+    assert (bd_test.true_labels != 0).all()
     saved = json.loads((folder / "attack_summary.json").read_text())
     assert saved["final"] == summary["final"] and len(summary["final"]) > 0
     return summary, bd_train, bd_test
@@ -235,7 +249,8 @@ def test_wanet_record_and_backdoor(tmp_path, fashion):
     assert torch.equal(bd_train.images[flagged],
                        wanet.wanet_poison(train_images[bd_train.index[flagged]], grid))
     assert torch.equal(bd_test.images, wanet.wanet_poison(test_images[bd_test.index], grid))
-    assert summary["warp"]["control_grid"] == wanet.control_grid(4, torch.Generator().manual_seed(0))[0].tolist()
+    control = wanet.control_grid(4, torch.Generator().manual_seed(0))
+    assert summary["warp"]["control_grid"] == control[0].tolist()
     assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
 
 
@@ -248,7 +263,8 @@ def test_bpp_record_and_backdoor(tmp_path, fashion):
     train_images, test_images = fashion[0].images, fashion[1].images
     assert torch.equal(bd_train.images[flagged],
                        bpp.bpp_poison(train_images[bd_train.index[flagged]], 4, dithering=True))
-    assert torch.equal(bd_test.images, bpp.bpp_poison(test_images[bd_test.index], 4, dithering=True))
+    assert torch.equal(bd_test.images,
+                       bpp.bpp_poison(test_images[bd_test.index], 4, dithering=True))
     assert summary["bpp"] == {"squeeze_num": 4, "dithering": True, "neg_ratio": 0.1}
     assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
 
@@ -264,7 +280,8 @@ def test_blind_record_and_backdoor(tmp_path, fashion):
                        blind.blind_poison(train_images[bd_train.index[flagged]], 4))
     assert torch.equal(bd_test.images, blind.blind_poison(test_images[bd_test.index], 4))
     info = summary["blind"]
-    assert info["mgda_grads"] == "last" and 0 < info["backdoor_loss_batches"] < 120  # 3 x 40 batches
+    assert info["mgda_grads"] == "last"
+    assert 0 < info["backdoor_loss_batches"] < 120  # of 3 x 40 batches
     assert 0.001 <= info["mgda_clean_weight_mean"] <= 0.999
     assert summary["final"]["test_asr"] >= 0.8 and summary["final"]["test_acc"] >= 0.6
 

@@ -25,7 +25,8 @@ def unit_to_uint8(u: torch.Tensor) -> torch.Tensor:
 
 
 def share(n: int, ratio: float) -> int:
-    """Samples of an n-sample batch that get a treatment; int() as BackdoorBench (128 x 0.1 = 12)."""
+    """Samples of an n-sample batch that get a treatment; int() as BackdoorBench (128 x 0.1 is
+    12)."""
     return min(n, int(n * ratio))
 
 
@@ -36,8 +37,10 @@ def sub_generator(seed: int, stream: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def apply_in_chunks(fn: Callable, images: torch.Tensor, device, batch_size: int = 0) -> torch.Tensor:
-    """fn([0, 1] float batch on `device`) -> [0, 1] batch, over uint8 CPU images in chunks; uint8 out."""
+def apply_in_chunks(fn: Callable, images: torch.Tensor, device, batch_size: int = 0
+                    ) -> torch.Tensor:
+    """fn([0, 1] float batch on `device`) -> [0, 1] batch, over uint8 CPU images in chunks;
+    uint8 out."""
     device = torch.device(device)
     size = eval_batch_size(batch_size, device)
     out = [unit_to_uint8(fn(images[i:i + size].to(device).float().div_(255))).cpu()
