@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from utils.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, noise_parameters, rounded, set_perturbed  # noqa: E402
-from utils.cli import log, main_guard, progress, require  # noqa: E402
+from utils.cli import main_guard, progress, require  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import autocast, cross_entropy  # noqa: E402
@@ -96,7 +96,8 @@ def optimize_masks(run: DefenseRun) -> dict:
     batches = run.batches()
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # epoch after epoch
     masked.train()
-    window, seen = dict.fromkeys(("loss", "loss_nat", "loss_rob", "train_acc"), 0.0), 0
+    names = ("loss", "loss_nat", "loss_rob", "train_acc")
+    window, seen = torch.zeros(len(names), device=device), 0  # sums since the last csv row
     with progress(cfg.iterations, "masks") as bar:
         for it in range(cfg.iterations):
             x, y, _ = next(stream)
@@ -114,16 +115,15 @@ def optimize_masks(run: DefenseRun) -> dict:
             loss.backward(inputs=masks)  # the noise keeps no gradient from this step
             optimizer.step()
             clamp_masks(layers)
-            hits = (logits.detach().argmax(1) == y).float().mean()
-            for key, value in zip(window, (loss, loss_nat, loss_rob, hits)):
-                window[key] += value.item() * len(y)
+            hits = (logits.argmax(1) == y).float().mean()
+            window += torch.stack([loss, loss_nat, loss_rob, hits]).detach() * len(y)
             seen += len(y)
             bar.update(1)
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-                stats = {key: total / seen for key, total in window.items()}
+                stats = dict(zip(names, (window / seen).tolist()))
                 run.log_epoch("masks", it // cfg.log_every, {**stats, "iterations": it + 1},
                               optimizer, masked)
-                window, seen = dict.fromkeys(window, 0.0), 0
+                window, seen = torch.zeros_like(window), 0
     return mask_values(layers)
 
 
@@ -149,9 +149,6 @@ def main(argv=None):
         pruning = run.timed("pruning", choose_threshold, run.model, run.original_state(), masks,
                             cfg.thresholds, functools.partial(defense_accuracy, run),
                             cfg.acc_drop, cfg.zero_beta)
-        log.info("pruned %d of %d BatchNorm channels at threshold %.2f",
-                 pruning["pruned_channels"], sum(len(m) for m in masks.values()),
-                 pruning["threshold"])
         after = run.timed("evaluation_after", run.evaluate)
         run.finish(before, after, {"mask_optimization": {"iterations": cfg.iterations},
                                    "pruning": pruning, "masks": rounded(masks)})

@@ -42,7 +42,7 @@ from defense.ulrl import OPTIONS as ULRL_OPTIONS  # noqa: E402
 from defense.ulrl import unlearn  # noqa: E402
 from utils.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, rounded  # noqa: E402
-from utils.cli import log, main_guard, progress, require  # noqa: E402
+from utils.cli import main_guard, progress, require  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import cross_entropy, train_epoch  # noqa: E402
@@ -116,9 +116,6 @@ def main(argv=None):
         pruning = run.timed("pruning", choose_threshold, model, run.original_state(), masks,
                             cfg.thresholds, functools.partial(defense_accuracy, run),
                             cfg.acc_drop, cfg.zero_beta)
-        log.info("pruned %d of %d BatchNorm channels at threshold %.2f",
-                 pruning["pruned_channels"], sum(len(m) for m in masks.values()),
-                 pruning["threshold"])
         after = run.timed("evaluation_after", run.evaluate)
         run.finish(before, after, {"unlearning": unlearning, "pruning": pruning,
                                    "masks": rounded(masks)})

@@ -145,8 +145,9 @@ def choose_threshold(model: nn.Module, original_state: dict, masks: dict[str, to
     model.load_state_dict(original_state)
     channels = channels_at_or_below(masks, chosen["threshold"])
     prune_channels(model, channels, zero_beta)
-    log.info("threshold %.2f: %d channels pruned, defense accuracy %.4f (unpruned %.4f, floor %.4f)",
-             chosen["threshold"], chosen["pruned_channels"], chosen["defense_acc"], base, floor)
+    log.info("threshold %.2f: %d of %d BatchNorm channels pruned, defense accuracy %.4f (unpruned "
+             "%.4f, floor %.4f)", chosen["threshold"], chosen["pruned_channels"],
+             sum(len(m) for m in masks.values()), chosen["defense_acc"], base, floor)
     return {"threshold": chosen["threshold"], "within_accuracy_budget": bool(passing),
             "pruned_channels": chosen["pruned_channels"], "pruned": channels,
             "defense_acc_unpruned": base, "defense_acc_floor": floor, "table": table}
