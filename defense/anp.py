@@ -43,26 +43,27 @@ import torch  # noqa: E402
 
 from utils.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, noise_parameters, rounded, set_perturbed  # noqa: E402
-from utils.cli import main_guard, progress, require  # noqa: E402
+from utils.cli import main_guard, progress  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
-    "batch_size": Option(256, "training batch size"),
-    "anp_eps": Option(0.4, "perturbation budget eps on the masks' multiplicative noise"),
-    "anp_steps": Option(1, "signed-gradient ascent steps of the noise per iteration"),
-    "anp_alpha": Option(0.2, "mask loss = anp_alpha x natural CE + (1 - anp_alpha) x perturbed CE"),
-    "mask_lr": Option(0.2, "SGD learning rate of the masks"),
+    "batch_size": Option(256, "training batch size", bounds=">= 1"),
+    "anp_eps": Option(0.4, "perturbation budget eps on the masks' multiplicative noise", bounds=">= 0"),
+    "anp_steps": Option(1, "signed-gradient ascent steps of the noise per iteration", bounds=">= 1"),
+    "anp_alpha": Option(0.2, "mask loss = anp_alpha x natural CE + (1 - anp_alpha) x perturbed CE",
+                        bounds="[0, 1]"),
+    "mask_lr": Option(0.2, "SGD learning rate of the masks", bounds="> 0"),
     "mask_momentum": Option(0.9, "SGD momentum of the masks"),
-    "iterations": Option(2000, "mask-optimization iterations (one defense batch each)"),
-    "log_every": Option(200, "one row in anp_df.csv per this many iterations"),
+    "iterations": Option(2000, "mask-optimization iterations (one defense batch each)", bounds=">= 1"),
+    "log_every": Option(200, "one row in anp_df.csv per this many iterations", bounds=">= 1"),
     "thresholds": Option([round(0.4 + 0.05 * i, 2) for i in range(11)],
                          "candidate thresholds: prune channels with mask <= t at the largest t that "
                          "keeps defense accuracy within acc_drop; one value = fixed threshold",
-                         nargs="+"),
-    "acc_drop": Option(0.1, "largest allowed relative drop of defense-subset accuracy"),
+                         nargs="+", bounds="[0, 1]"),
+    "acc_drop": Option(0.1, "largest allowed relative drop of defense-subset accuracy", bounds="[0, 1]"),
     "zero_beta": Option(False, "also set beta of pruned channels to 0 (silence them)"),
 }
 
@@ -127,22 +128,9 @@ def optimize_masks(run: DefenseRun) -> dict:
     return mask_values(layers)
 
 
-def check_config(cfg) -> None:
-    for key, ok, rule in (("iterations", cfg.iterations >= 1, ">= 1"),
-                          ("log_every", cfg.log_every >= 1, ">= 1"),
-                          ("anp_eps", cfg.anp_eps >= 0, ">= 0"),
-                          ("anp_steps", cfg.anp_steps >= 1, ">= 1"),
-                          ("anp_alpha", 0 <= cfg.anp_alpha <= 1, "in [0, 1]"),
-                          ("mask_lr", cfg.mask_lr > 0, "> 0"),
-                          ("thresholds", all(0 <= t <= 1 for t in cfg.thresholds), "in [0, 1]"),
-                          ("acc_drop", 0 <= cfg.acc_drop <= 1, "in [0, 1]"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
-        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
-
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ANP backdoor removal on a BackdoorBench attack record", argv)
-    check_config(cfg)
     with DefenseRun(cfg, "anp") as run:
         before = run.timed("evaluation_before", run.evaluate)
         masks = run.timed("mask_optimization", optimize_masks, run)

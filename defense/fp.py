@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils.cli import log, main_guard, require  # noqa: E402
+from utils.cli import log, main_guard  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.finetune import FINETUNE_OPTIONS, check_finetune_config, finetune  # noqa: E402
+from utils.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
 from utils.train import accuracy, eval_batch_size, predict  # noqa: E402
 
 OPTIONS = {
@@ -56,10 +56,11 @@ OPTIONS = {
                          "'relative' (accuracy below (1 - acc_drop) x unpruned, BackdoorBench) or "
                          "'absolute' (accuracy below min_acc, the ULRL paper)",
                          choices=("relative", "absolute")),
-    "acc_drop": Option(0.1, "relative rule: largest allowed relative drop of defense accuracy"),
-    "min_acc": Option(0.8, "absolute rule: lowest allowed defense accuracy"),
+    "acc_drop": Option(0.1, "relative rule: largest allowed relative drop of defense accuracy",
+                       bounds="[0, 1)"),
+    "min_acc": Option(0.8, "absolute rule: lowest allowed defense accuracy", bounds="[0, 1]"),
     "prune_step": Option(0.01, "share of the channels pruned per step (BackdoorBench's "
-                               "once_prune_ratio); at least one channel"),
+                               "once_prune_ratio); at least one channel", bounds="(0, 1]"),
 }
 
 
@@ -153,16 +154,9 @@ def choose_pruning(order: torch.Tensor, step: int, bound: float, acc_after) -> t
     return chosen, curve
 
 
-def check_config(cfg) -> None:
-    check_finetune_config(cfg)
-    require(0 <= cfg.acc_drop < 1, f"--acc_drop must be in [0, 1), got {cfg.acc_drop}")
-    require(0 <= cfg.min_acc <= 1, f"--min_acc must be in [0, 1], got {cfg.min_acc}")
-    require(0 < cfg.prune_step <= 1, f"--prune_step must be in (0, 1], got {cfg.prune_step}")
-
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FP: fine-pruning of a BackdoorBench attack record", argv)
-    check_config(cfg)
     with DefenseRun(cfg, "fp") as run:
         model, data = run.model, run.defense_data
         before = run.timed("evaluation_before", run.evaluate)

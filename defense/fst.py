@@ -27,16 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.cli import main_guard, require  # noqa: E402
+from utils.cli import main_guard  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.finetune import FINETUNE_OPTIONS, check_finetune_config, finetune  # noqa: E402
+from utils.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,
-    "epochs": Option(10, "fine-tuning epochs"),
-    "weight_decay": Option(0.0, "SGD weight decay (the official code uses none)"),
-    "alpha": Option(0.2, "weight of the inner-product penalty sum(W * W_ori)"),
+    "epochs": Option(10, "fine-tuning epochs", bounds=">= 0"),
+    "weight_decay": Option(0.0, "SGD weight decay (the official code uses none)", bounds=">= 0"),
+    "alpha": Option(0.2, "weight of the inner-product penalty sum(W * W_ori)", bounds=">= 0"),
 }
 
 
@@ -58,8 +58,6 @@ def project_to_norm(weight: torch.Tensor, norm: torch.Tensor) -> None:
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FST: feature shift tuning of a BackdoorBench attack record", argv)
-    check_finetune_config(cfg)
-    require(cfg.alpha >= 0, f"--alpha must be >= 0, got {cfg.alpha}")
     with DefenseRun(cfg, "fst") as run:
         model, linear = run.model, run.linear
         before = run.timed("evaluation_before", run.evaluate)

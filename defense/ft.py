@@ -18,14 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.cli import main_guard  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.finetune import FINETUNE_OPTIONS, check_finetune_config, finetune  # noqa: E402
+from utils.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
 
 OPTIONS = {**DEFENSE_OPTIONS, **FINETUNE_OPTIONS}
 
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FT: fine-tune a BackdoorBench attack record on clean data", argv)
-    check_finetune_config(cfg)
     with DefenseRun(cfg, "ft") as run:
         before = run.timed("evaluation_before", run.evaluate)
         finetuning = run.timed("finetune", finetune, run, run.model, run.batches())

@@ -40,24 +40,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.cli import main_guard, progress, require  # noqa: E402
+from utils.cli import main_guard, progress  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
-    "batch_size": Option(256, "training batch size"),
-    "rounds": Option(5, "rounds of (perturbation search, model update)"),
-    "lr": Option(1e-4, "Adam learning rate of the model (outer problem)"),
-    "fixed_point_steps": Option(5, "K: terms of the fixed-point (Neumann) hypergradient series"),
-    "inner_lr": Option(0.1, "step size of the fixed-point map delta - inner_lr * grad(inner loss)"),
-    "perturbation_lr": Option(10.0, "gradient step size of the perturbation search"),
-    "perturbation_epochs": Option(1, "passes over the defense subset of the perturbation search"),
-    "perturbation_penalty": Option(0.001, "weight of ||delta||^2 in the inner loss"),
-    "perturbation_radius": Option(0.0, "project delta onto this L2 ball after every step (0: off)"),
+    "batch_size": Option(256, "training batch size", bounds=">= 1"),
+    "rounds": Option(5, "rounds of (perturbation search, model update)", bounds=">= 1"),
+    "lr": Option(1e-4, "Adam learning rate of the model (outer problem)", bounds="> 0"),
+    "fixed_point_steps": Option(5, "K: terms of the fixed-point (Neumann) hypergradient series",
+                                bounds=">= 1"),
+    "inner_lr": Option(0.1, "step size of the fixed-point map delta - inner_lr * grad(inner loss)",
+                       bounds="> 0"),
+    "perturbation_lr": Option(10.0, "gradient step size of the perturbation search", bounds="> 0"),
+    "perturbation_epochs": Option(1, "passes over the defense subset of the perturbation search",
+                                  bounds=">= 1"),
+    "perturbation_penalty": Option(0.001, "weight of ||delta||^2 in the inner loss", bounds=">= 0"),
+    "perturbation_radius": Option(0.0, "project delta onto this L2 ball after every step (0: off)",
+                                  bounds=">= 0"),
     "perturbed_share": Option(1.0, "share of each batch that carries delta in the outer loss "
-                                   "(1: the paper's objective; 0.01: the public code)"),
+                                   "(1: the paper's objective; 0.01: the public code)", bounds="(0, 1]"),
 }
 
 
@@ -141,22 +145,9 @@ def unlearn(run: DefenseRun) -> list[dict]:
     return rounds
 
 
-def check_config(cfg) -> None:
-    for key, ok, rule in (("rounds", cfg.rounds >= 1, ">= 1"), ("lr", cfg.lr > 0, "> 0"),
-                          ("fixed_point_steps", cfg.fixed_point_steps >= 1, ">= 1"),
-                          ("inner_lr", cfg.inner_lr > 0, "> 0"),
-                          ("perturbation_lr", cfg.perturbation_lr > 0, "> 0"),
-                          ("perturbation_epochs", cfg.perturbation_epochs >= 1, ">= 1"),
-                          ("perturbation_penalty", cfg.perturbation_penalty >= 0, ">= 0"),
-                          ("perturbation_radius", cfg.perturbation_radius >= 0, ">= 0"),
-                          ("perturbed_share", 0 < cfg.perturbed_share <= 1, "in (0, 1]"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
-        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
-
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "I-BAU backdoor removal on a BackdoorBench attack record", argv)
-    check_config(cfg)
     with DefenseRun(cfg, "ibau") as run:
         before = run.timed("evaluation_before", run.evaluate)
         rounds = run.timed("unlearning", unlearn, run)

@@ -42,7 +42,7 @@ from defense.ulrl import OPTIONS as ULRL_OPTIONS  # noqa: E402
 from defense.ulrl import unlearn  # noqa: E402
 from utils.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, rounded  # noqa: E402
-from utils.cli import main_guard, progress, require  # noqa: E402
+from utils.cli import main_guard, progress  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 from utils.train import cross_entropy, train_epoch  # noqa: E402
@@ -58,16 +58,16 @@ OPTIONS = {
     "clip_norm": Option(0.0, "gradient-norm clipping while unlearning (0: off; the public code's "
                              "clipping runs before backward and clips nothing)"),
     # step 2: recovering the masks
-    "recovering_lr": Option(0.2, "SGD learning rate of the BatchNorm masks"),
+    "recovering_lr": Option(0.2, "SGD learning rate of the BatchNorm masks", bounds="> 0"),
     "recovering_momentum": Option(0.9, "SGD momentum of the masks"),
-    "recovering_epochs": Option(20, "epochs of mask recovery"),
-    "mask_loss_weight": Option(0.2, "recovery loss = this x CE (the public code's alpha)"),
+    "recovering_epochs": Option(20, "epochs of mask recovery", bounds=">= 1"),
+    "mask_loss_weight": Option(0.2, "recovery loss = this x CE (the public code's alpha)", bounds="> 0"),
     # step 3: pruning
     "thresholds": Option([0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
                          "candidate thresholds: prune channels with mask <= t at the largest t that "
                          "keeps defense accuracy within acc_drop; one value = fixed threshold",
-                         nargs="+"),
-    "acc_drop": Option(0.1, "largest allowed relative drop of defense-subset accuracy"),
+                         nargs="+", bounds="[0, 1]"),
+    "acc_drop": Option(0.1, "largest allowed relative drop of defense-subset accuracy", bounds="[0, 1]"),
     "zero_beta": Option(False, "also set beta of pruned channels to 0 (silence them)"),
 }
 
@@ -91,21 +91,9 @@ def recover_masks(run: DefenseRun, unlearned, batches) -> dict:
     return mask_values(layers)
 
 
-def check_config(cfg) -> None:
-    for key, ok, rule in (("unlearning_epochs", cfg.unlearning_epochs >= 1, ">= 1"),
-                          ("unlearning_lr", cfg.unlearning_lr > 0, "> 0"),
-                          ("recovering_epochs", cfg.recovering_epochs >= 1, ">= 1"),
-                          ("recovering_lr", cfg.recovering_lr > 0, "> 0"),
-                          ("mask_loss_weight", cfg.mask_loss_weight > 0, "> 0"),
-                          ("thresholds", all(0 <= t <= 1 for t in cfg.thresholds), "in [0, 1]"),
-                          ("acc_drop", 0 <= cfg.acc_drop <= 1, "in [0, 1]"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
-        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
-
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "RNP backdoor removal on a BackdoorBench attack record", argv)
-    check_config(cfg)
     with DefenseRun(cfg, "rnp") as run:
         model = run.model
         before = run.timed("evaluation_before", run.evaluate)

@@ -36,10 +36,10 @@ from utils.train import Batches, cross_entropy, train_epoch  # noqa: E402
 OPTIONS = {
     **DEFENSE_OPTIONS,
     # Algorithm 2: unlearning (kappa = unlearning_lr, CA_min = clean_threshold)
-    "unlearning_lr": Option(0.01, "gradient-ascent learning rate (kappa)"),
-    "unlearning_epochs": Option(20, "at most this many unlearning epochs"),
+    "unlearning_lr": Option(0.01, "gradient-ascent learning rate (kappa)", bounds="> 0"),
+    "unlearning_epochs": Option(20, "at most this many unlearning epochs", bounds=">= 1"),
     "clean_threshold": Option(0.2, "stop unlearning once defense-subset accuracy <= this (CA_min); "
-                              "negative: never stop early (fixed-length runs for benchmarks)"),
+                              "negative: never stop early (fixed-length runs for benchmarks)", bounds="<= 1"),
     "stop_rule": Option("epoch", "when CA_min is checked: 'epoch' (running accuracy of each epoch, "
                         "the public code) or 'step' (before every step, on its mini-batch)",
                         choices=("epoch", "step")),
@@ -51,23 +51,23 @@ OPTIONS = {
     # identification
     "dispersion": Option("mad", "outlier scale: 'mad', 'sd' or 'iqr' (Appendix C)",
                          choices=("mad", "sd", "iqr")),
-    "tau": Option(3.5, "outlier threshold on the z-score (MAD threshold tau)"),
-    "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)"),
+    "tau": Option(3.5, "outlier threshold on the z-score (MAD threshold tau)", bounds="> 0"),
+    "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)", bounds=">= 0"),
     "selection": Option("mad", "'mad': reinitialize the flagged outliers; 'random': random_k "
                         "neurons drawn with --seed (Table VI)", choices=("mad", "random")),
-    "random_k": Option(2, "how many neurons --selection random reinitializes"),
+    "random_k": Option(2, "how many neurons --selection random reinitializes", bounds=">= 1"),
     "no_flag_action": Option("finetune", "when no neuron is flagged: 'finetune' (relearn without "
                              "the penalty, as the public code), 'top' (flag the ht largest "
                              "scores), 'stop' (keep the original model)",
                              choices=("finetune", "top", "stop")),
     # Algorithm 3: relearning (eta = relearn_lr)
-    "relearn_lr": Option(0.005, "relearning learning rate (eta)"),
-    "relearn_epochs": Option(20, "relearning epochs (CosineAnnealingLR over them)"),
+    "relearn_lr": Option(0.005, "relearning learning rate (eta)", bounds="> 0"),
+    "relearn_epochs": Option(20, "relearning epochs (CosineAnnealingLR over them)", bounds=">= 0"),
     "relearn_momentum": Option(0.9, "SGD momentum while relearning"),
     "regularizer": Option("cosine", "relearning penalty on the flagged neurons: 'cosine' (Eq. 3), "
                           "'inner' (FST's inner product, Appendix D) or 'none' (Table V)",
                           choices=("cosine", "inner", "none")),
-    "alpha": Option(0.7, "weight of the relearning penalty"),
+    "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0"),
     # outputs
     "tag": Option("", "write into defense/ulrl_<tag>/ instead of defense/ulrl/ (ablation variants)"),
     "plots": Option(True, "write PNG charts into the output folder (needs matplotlib; without it "
@@ -233,22 +233,9 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
-def check_config(cfg) -> None:
-    for key, ok, rule in (("unlearning_epochs", cfg.unlearning_epochs >= 1, ">= 1"),
-                          ("relearn_epochs", cfg.relearn_epochs >= 0, ">= 0"),
-                          ("unlearning_lr", cfg.unlearning_lr > 0, "> 0"),
-                          ("relearn_lr", cfg.relearn_lr > 0, "> 0"),
-                          ("clean_threshold", cfg.clean_threshold <= 1, "<= 1"),
-                          ("tau", cfg.tau > 0, "> 0"), ("ht", cfg.ht >= 0, ">= 0"),
-                          ("alpha", cfg.alpha >= 0, ">= 0"), ("random_k", cfg.random_k >= 1, ">= 1"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1"),
-                          ("tag", re.fullmatch(r"[\w.+-]*", cfg.tag), "letters, digits, . + - _")):
-        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
-
-
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
-    check_config(cfg)
+    require(re.fullmatch(r"[\w.+-]*", cfg.tag), f"--tag must be letters, digits, . + - _, got {cfg.tag}")
     with DefenseRun(cfg, f"ulrl_{cfg.tag}" if cfg.tag else "ulrl") as run:
         model, linear = run.model, run.linear
         require(cfg.selection != "random" or cfg.random_k <= linear.out_features,

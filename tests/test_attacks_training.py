@@ -238,17 +238,22 @@ def make_record(module, tmp_path, fashion, *args):
     return summary, bd_train, bd_test
 
 
+def assert_poisoned_with(poison, bd_train, bd_test, fashion):
+    """The record's poisoned training and test images are `poison` of their clean originals."""
+    flagged = bd_train.poisoned
+    train_images, test_images = fashion[0].images, fashion[1].images
+    assert torch.equal(bd_train.images[flagged], poison(train_images[bd_train.index[flagged]]))
+    assert torch.equal(bd_test.images, poison(test_images[bd_test.index]))
+
+
+
 def test_wanet_record_and_backdoor(tmp_path, fashion):
     # s 2 (four times the default warp) so that four short epochs learn it; the default 0.5 is
     # learnt on the full data (config/attack/wanet/fashion_mnist.yaml).
     summary, bd_train, bd_test = make_record(wanet, tmp_path, fashion, "--epochs", 4, "--lr", 0.05,
                                              "--s", 2)
     grid = _wanet_grid(28, 28, seed=0, s=2.0)
-    flagged = bd_train.poisoned
-    train_images, test_images = fashion[0].images, fashion[1].images
-    assert torch.equal(bd_train.images[flagged],
-                       wanet.wanet_poison(train_images[bd_train.index[flagged]], grid))
-    assert torch.equal(bd_test.images, wanet.wanet_poison(test_images[bd_test.index], grid))
+    assert_poisoned_with(lambda x: wanet.wanet_poison(x, grid), bd_train, bd_test, fashion)
     control = wanet.control_grid(4, torch.Generator().manual_seed(0))
     assert summary["warp"]["control_grid"] == control[0].tolist()
     assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
@@ -259,12 +264,8 @@ def test_bpp_record_and_backdoor(tmp_path, fashion):
     # need the full data.
     summary, bd_train, bd_test = make_record(bpp, tmp_path, fashion, "--epochs", 4, "--lr", 0.05,
                                              "--squeeze_num", 4, "--dithering", "true")
-    flagged = bd_train.poisoned
-    train_images, test_images = fashion[0].images, fashion[1].images
-    assert torch.equal(bd_train.images[flagged],
-                       bpp.bpp_poison(train_images[bd_train.index[flagged]], 4, dithering=True))
-    assert torch.equal(bd_test.images,
-                       bpp.bpp_poison(test_images[bd_test.index], 4, dithering=True))
+    assert_poisoned_with(lambda x: bpp.bpp_poison(x, 4, dithering=True), bd_train, bd_test,
+                         fashion)
     assert summary["bpp"] == {"squeeze_num": 4, "dithering": True, "neg_ratio": 0.1}
     assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
 
@@ -274,11 +275,7 @@ def test_blind_record_and_backdoor(tmp_path, fashion):
     # test_blind_mgda_on_every_parameter covers); the backdoor loss joins after 10 batches.
     summary, bd_train, bd_test = make_record(blind, tmp_path, fashion, "--epochs", 3, "--lr", 0.05,
                                              "--loss_history", 10, "--mgda_grads", "last")
-    flagged = bd_train.poisoned
-    train_images, test_images = fashion[0].images, fashion[1].images
-    assert torch.equal(bd_train.images[flagged],
-                       blind.blind_poison(train_images[bd_train.index[flagged]], 4))
-    assert torch.equal(bd_test.images, blind.blind_poison(test_images[bd_test.index], 4))
+    assert_poisoned_with(lambda x: blind.blind_poison(x, 4), bd_train, bd_test, fashion)
     info = summary["blind"]
     assert info["mgda_grads"] == "last"
     assert 0 < info["backdoor_loss_batches"] < 120  # of 3 x 40 batches

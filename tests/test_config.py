@@ -1,10 +1,11 @@
 """Defaults < yaml < command line; unknown or mistyped keys are errors."""
+import re
 from pathlib import Path
 
 import pytest
 
 from defense.ulrl import OPTIONS
-from utils.config import parse_config
+from utils.config import Option, parse_config
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,21 @@ def test_choices_enforced(tmp_path):
     yml.write_text("no_flag_action: retry\n")
     with pytest.raises(UserError, match="must be one of finetune, top, stop"):
         parse(["--yaml_path", str(yml)])
+
+
+def test_bounds_are_checked_after_yaml_and_command_line_merge(tmp_path):
+    options = {"rate": Option(0.5, "a share", bounds="(0, 1]"),
+               "steps": Option(1, "a count", bounds=">= 1"),
+               "cuts": Option([0.5], "shares", nargs="+", bounds="[0, 1)")}
+    assert parse_config(options, "t", ["--rate", "1", "--cuts", "0", "0.9"]).cuts == [0.0, 0.9]
+    for argv, message in ((["--rate", "0"], "--rate must be in (0, 1], got 0.0"),
+                          (["--steps", "0"], "--steps must be >= 1, got 0"),
+                          (["--cuts", "0.2", "1"], "--cuts must be in [0, 1), got [0.2, 1.0]")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_config(options, "t", argv)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: -3\n")
+    with pytest.raises(UserError, match="--steps must be >= 1, got -3"):
+        parse_config(options, "t", ["--yaml_path", str(bad)])
+    # a bad yaml value the command line overrides is fine: the merged value is what runs
+    assert parse_config(options, "t", ["--yaml_path", str(bad), "--steps", "2"]).steps == 2

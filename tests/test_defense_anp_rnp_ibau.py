@@ -184,29 +184,37 @@ def check_pruned(summary, state, original):
 
 
 def test_anp_prunes_the_backdoor_on_badnets(small_badnet_record):
-    summary, state = run_defense(anp, "anp", small_badnet_record, "--iterations", 120,
-                                 "--log_every", 40, "--yaml_path",
-                                 "config/defense/anp/fashion_mnist.yaml")
+    # fashion_mnist.yaml with 60 iterations at batch 64 instead of 300 at 128 (time budget);
+    # measured on this record: C-ACC 81.6 -> 79.1 %, ASR 99.2 -> 13.6 %
+    summary, state = run_defense(anp, "anp", small_badnet_record, "--yaml_path",
+                                 "config/defense/anp/fashion_mnist.yaml", "--iterations", 60,
+                                 "--batch_size", 64, "--log_every", 30)
     check_pruned(summary, state, original_weights(small_badnet_record))
     assert summary["before"]["test_asr"] > 0.9
-    assert summary["after"]["test_asr"] < 0.2  # ANP is known to work on BadNets
-    assert summary["after"]["test_acc"] > summary["before"]["test_acc"] - 0.15
+    assert summary["after"]["test_asr"] < 0.3
+    assert summary["after"]["test_acc"] > summary["before"]["test_acc"] - 0.1
 
 
 def test_rnp_unlearns_recovers_and_prunes(small_badnet_record):
-    summary, state = run_defense(rnp, "rnp", small_badnet_record, "--recovering_epochs", 5,
-                                 "--yaml_path", "config/defense/rnp/fashion_mnist.yaml")
+    # fashion_mnist.yaml; measured on this record: C-ACC 81.6 -> 74.2 %, ASR 99.2 -> 21.5 %
+    summary, state = run_defense(rnp, "rnp", small_badnet_record, "--yaml_path",
+                                 "config/defense/rnp/fashion_mnist.yaml")
     check_pruned(summary, state, original_weights(small_badnet_record))
     assert summary["unlearning"]["reached_threshold"]
-    assert summary["pruning"]["defense_acc_floor"] == pytest.approx(
-        0.9 * summary["pruning"]["defense_acc_unpruned"])
+    pruning = summary["pruning"]
+    assert pruning["defense_acc_floor"] == pytest.approx(0.9 * pruning["defense_acc_unpruned"])
+    assert pruning["within_accuracy_budget"]
+    assert summary["after"]["test_asr"] < 0.5
+    assert summary["after"]["test_acc"] > summary["before"]["test_acc"] - 0.15
 
 
 def test_ibau_changes_the_weights_and_lowers_the_asr(small_badnet_record):
-    summary, state = run_defense(ibau, "ibau", small_badnet_record, "--rounds", 2, "--yaml_path",
-                                 "config/defense/ibau/fashion_mnist.yaml")
+    # fashion_mnist.yaml with 2 rounds instead of 5 (time budget); measured on this record: ASR
+    # 99.2 % before, 16.7 % on a 1,000-image sample after round 2 (16.7 % after 5 rounds)
+    summary, state = run_defense(ibau, "ibau", small_badnet_record, "--yaml_path",
+                                 "config/defense/ibau/fashion_mnist.yaml", "--rounds", 2)
     original = original_weights(small_badnet_record)
     assert any(not torch.equal(state[k], original[k]) for k in state if k.endswith("weight"))
-    assert len(summary["rounds"]) == 2
-    assert all(r["perturbation_norm"] > 0 for r in summary["rounds"])
-    assert summary["after"]["test_asr"] < 0.5 * summary["before"]["test_asr"]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(0 < r["perturbation_norm"] <= 3 + 1e-4 for r in summary["rounds"])  # radius 3
+    assert summary["after"]["test_asr"] < 0.5

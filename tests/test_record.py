@@ -207,7 +207,9 @@ def test_malicious_record_is_refused(tmp_path):
         assert not target.exists()
 
 
-def test_trust_runs_the_unpickler(tmp_path, caplog):
+def test_trust_runs_the_unpickler(tmp_path, caplog, monkeypatch):
+    # the console setup of an earlier test in this process turns propagation off; caplog needs it
+    monkeypatch.setattr(logging.getLogger("backdoor"), "propagate", True)
     target, cases = evil_cases(tmp_path)
     torch_save(tmp_path / "x.pt", {"f": cases[1][0]})
     with caplog.at_level(logging.WARNING):

@@ -25,6 +25,8 @@ class Option:
     choices: tuple | None = None
     nargs: str | None = None  # '+' for lists
     conflicts: tuple[str, ...] = ()  # options that must not be set together with this one
+    bounds: str | None = None  # allowed range of a number (or of every item of a list), checked
+    # after yaml and command line are merged: "> 0", ">= 1", "<= 1", "[0, 1]", "(0, 1]", "[0, 1)"
 
     @property
     def value_type(self):
@@ -85,6 +87,32 @@ def _coerce(key: str, option: Option, value, source: str):
         raise UserError(f"{source}: '{key}' must be one of {', '.join(map(str, option.choices))}, "
                         f"got {value!r}")
     return value
+
+
+_COMPARE = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+
+
+def within(value, bounds: str) -> bool:
+    """Is the number `value` inside `bounds` (a comparison such as '>= 1' or an interval such as
+    '(0, 1]')?"""
+    value = float(value)
+    if bounds[0] in "[(":
+        low, high = (float(v) for v in bounds[1:-1].split(","))
+        return (value >= low if bounds[0] == "[" else value > low) and \
+            (value <= high if bounds[-1] == "]" else value < high)
+    op, limit = bounds.split()
+    return _COMPARE[op](value, float(limit))
+
+
+def check_bounds(options: dict[str, Option], values: dict) -> None:
+    for key, option in options.items():
+        value = values.get(key)
+        if option.bounds is None or value is None:
+            continue
+        rule = f"in {option.bounds}" if option.bounds[0] in "[(" else option.bounds
+        for item in value if isinstance(value, list) else [value]:
+            if not within(item, option.bounds):
+                raise UserError(f"--{key} must be {rule}, got {value}")
 
 
 def _unknown_key_error(key: str, known, source: str) -> UserError:
@@ -163,5 +191,6 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Sim
                     for key, option in options.items() if getattr(args, key) is not None}
     _check_conflicts(options, command_line, "command line")
     values.update(command_line)
+    check_bounds(options, values)
     values["yaml_path"] = args.yaml_path
     return SimpleNamespace(**values)

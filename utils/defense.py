@@ -29,10 +29,10 @@ DEFENSE_OPTIONS = {
     "device": Option(None, "cpu, cuda or cuda:N; default cuda when available, else cpu", str),
     "threads": Option(0, "CPU threads for torch (0: the cores this process may use)"),
     "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization"),
-    "ratio": Option(0.01, "share of the clean training set used as defense data"),
+    "ratio": Option(0.01, "share of the clean training set used as defense data", bounds="(0, 1]"),
     "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str,
                     conflicts=("ratio",)),
-    "batch_size": Option(128, "training batch size"),
+    "batch_size": Option(128, "training batch size", bounds=">= 1"),
     "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)"),
     "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
                           str),
@@ -67,7 +67,6 @@ def select_subset(n: int, cfg) -> list[int]:
         require(min(idx) >= 0 and max(idx) < n,
                 f"index file {path} has indices outside 0..{n - 1} of the clean training set")
         return idx
-    require(0 < cfg.ratio <= 1, f"--ratio must be in (0, 1], got {cfg.ratio}")
     k = int(n * cfg.ratio)
     require(k > 0, f"--ratio {cfg.ratio} selects no sample of {n}: raise it")
     return random.Random(cfg.seed).sample(range(n), k)

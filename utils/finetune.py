@@ -10,27 +10,20 @@ from typing import Callable
 
 import torch
 
-from utils.cli import progress, require
+from utils.cli import progress
 from utils.config import Option
 from utils.train import cross_entropy, train_epoch
 
 # BackdoorBench's FT and FP settings (config/defense/{ft,fp}/*.yaml there); the appendix of the
 # ULRL paper uses batch 256 for every defense.
 FINETUNE_OPTIONS = {
-    "lr": Option(0.01, "fine-tuning learning rate (SGD, CosineAnnealingLR over the epochs)"),
-    "epochs": Option(100, "fine-tuning epochs"),
-    "momentum": Option(0.9, "SGD momentum"),
-    "weight_decay": Option(5e-4, "SGD weight decay"),
-    "batch_size": Option(256, "training batch size"),
+    "lr": Option(0.01, "fine-tuning learning rate (SGD, CosineAnnealingLR over the epochs)", bounds="> 0"),
+    "epochs": Option(100, "fine-tuning epochs", bounds=">= 0"),
+    "momentum": Option(0.9, "SGD momentum", bounds=">= 0"),
+    "weight_decay": Option(5e-4, "SGD weight decay", bounds=">= 0"),
+    "batch_size": Option(256, "training batch size", bounds=">= 1"),
 }
 
-
-def check_finetune_config(cfg) -> None:
-    for key, ok, rule in (("lr", cfg.lr > 0, "> 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
-                          ("momentum", cfg.momentum >= 0, ">= 0"),
-                          ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1")):
-        require(ok, f"--{key} must be {rule}, got {getattr(cfg, key)}")
 
 
 def finetune(run, model, batches, *, phase: str = "finetune",
