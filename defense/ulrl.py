@@ -18,7 +18,6 @@ summary shows what MAD would flag), --stop_rule epoch|step (see unlearn), plus a
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from utils.cli import log, main_guard, progress, require  # noqa: E402
 from utils.config import Option, parse_config  # noqa: E402
 from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.plots import write_plots  # noqa: E402
-from utils.train import Batches, cross_entropy, train_epoch  # noqa: E402
+from utils.train import Batches, accuracy, cross_entropy, train_epoch  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
@@ -68,10 +66,6 @@ OPTIONS = {
                           "'inner' (FST's inner product, Appendix D) or 'none' (Table V)",
                           choices=("cosine", "inner", "none")),
     "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0"),
-    # outputs
-    "tag": Option("", "write into defense/ulrl_<tag>/ instead of defense/ulrl/ (ablation variants)"),
-    "plots": Option(True, "write PNG charts into the output folder (needs matplotlib; without it "
-                          "a warning)"),
 }
 
 # x spread = the standard deviation of a normal distribution, so tau reads alike for every measure
@@ -80,11 +74,6 @@ MEAN_AD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (used when
 
 
 # ---------------------------------------------------------------- Algorithm 2: unlearning
-class _ThresholdReached(Exception):
-    """Raised from the loss to end unlearning mid-epoch: train_epoch has no per-step hook, and the
-    loss sees the step's logits before any update is applied."""
-
-
 def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
     """Gradient ascent on the defense subset until its accuracy <= CA_min. stop_rule 'epoch': the
     running accuracy of each epoch's train-mode predictions, checked after the epoch (the public
@@ -96,26 +85,19 @@ def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
                                 momentum=cfg.unlearning_momentum,
                                 weight_decay=cfg.unlearning_weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
-    steps, batch_acc = 0, None
+    stop = None
+    if cfg.stop_rule == "step":
+        def stop(logits, labels):
+            return accuracy(logits.argmax(1), labels) <= cfg.clean_threshold
 
-    def loss_fn(logits, labels):
-        nonlocal steps, batch_acc
-        if cfg.stop_rule == "step":
-            batch_acc = (logits.argmax(1) == labels).float().mean().item()
-            if batch_acc <= cfg.clean_threshold:
-                raise _ThresholdReached
-        steps += 1
-        return cross_entropy(logits, labels)
-
-    reached, epochs = False, 0
+    reached, epochs, steps = False, 0, 0
     with progress(cfg.unlearning_epochs * len(batches), "unlearning") as bar:
         for epoch in range(cfg.unlearning_epochs):
-            try:
-                stats = train_epoch(model, batches, optimizer, loss_fn, ascent=True,
-                                    clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar)
-                reached = stats["train_acc"] <= cfg.clean_threshold and cfg.stop_rule == "epoch"
-            except _ThresholdReached:  # a partial epoch: report the batch that met CA_min
-                stats, reached = {"train_acc": batch_acc}, True
+            stats = train_epoch(model, batches, optimizer, cross_entropy, ascent=True,
+                                clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar, stop=stop)
+            steps += stats.pop("stopped_after", len(batches))
+            reached = stats.pop("stopped", False) or (
+                cfg.stop_rule == "epoch" and stats["train_acc"] <= cfg.clean_threshold)
             run.log_epoch("unlearning", epoch, {**stats, "steps": steps}, optimizer, model)
             epochs = epoch + 1
             if reached:
@@ -235,8 +217,7 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
 
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
-    require(re.fullmatch(r"[\w.+-]*", cfg.tag), f"--tag must be letters, digits, . + - _, got {cfg.tag}")
-    with DefenseRun(cfg, f"ulrl_{cfg.tag}" if cfg.tag else "ulrl") as run:
+    with DefenseRun(cfg, "ulrl") as run:
         model, linear = run.model, run.linear
         require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
                 f"--random_k {cfg.random_k} exceeds the {linear.out_features} classifier neurons")
@@ -283,8 +264,6 @@ def main(argv=None):
             "identification": found, "selection": cfg.selection,
             "no_flag_action": action if action != "reinitialize" else None,
             "unlearning": unlearning, "relearning": relearning})
-        if cfg.plots:
-            write_plots(run.out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 #
 #   --record_dir DIR   folder of the records (default: record)
 #   --defenses "A B"   defenses to run (default: every defense/*.py)
-#   --tag TAG          pass --tag TAG, results in defense/<method>_<TAG>/ (ULRL's ablation variants)
+#   --tag TAG          pass --tag TAG, results in defense/<method>_<TAG>/ (variants of any defense)
 #   --force            rerun pairs that already have a summary.json (default: skip them)
 #   --jobs N           parallel jobs (default: one per GPU that nvidia-smi -L lists, each with its
 #                      own CUDA_VISIBLE_DEVICES; 1 without GPUs)

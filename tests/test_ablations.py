@@ -9,6 +9,7 @@ from torch import nn
 
 from defense.ulrl import PENALTIES, main, random_neurons, relearn, score_neurons, unlearn
 from tests.helpers import tiny_record
+from utils.errors import UserError
 from utils.data import ImageSet, Preprocess
 from utils.train import Batches
 
@@ -126,3 +127,18 @@ def test_switches_through_main_with_a_tag(tmp_path):
     assert summary["unlearning"]["stop_rule"] == "step"
     assert summary["relearning"]["regularizer"] == "inner"
     assert not (tmp_path / "r/defense/ulrl").exists()  # the untagged results are left alone
+
+
+def test_any_defense_takes_a_tag_and_draws_its_plots(tmp_path):
+    """--tag and --plots are common options: a tagged FT run with per-epoch curves writes
+    defense/ft_lr1/ with its curve chart and leaves defense/ft/ alone."""
+    import defense.ft as ft
+    tiny_record(tmp_path / "r")
+    ft.main(["--result_file", "r", "--record_dir", str(tmp_path), "--ratio", "0.002",
+             "--epochs", "2", "--tag", "lr1", "--curve_samples", "20"])
+    out = tmp_path / "r/defense/ft_lr1"
+    assert json.loads((out / "summary.json").read_text())["method"] == "ft_lr1"
+    assert (out / "ft_lr1_df.csv").is_file() and (out / "curves.png").stat().st_size > 1000
+    assert not (tmp_path / "r/defense/ft").exists()
+    with pytest.raises(UserError, match="--tag must be letters"):
+        ft.main(["--result_file", "r", "--record_dir", str(tmp_path), "--tag", "../x"])

@@ -108,3 +108,20 @@ def test_summary_files_print_one_line_each(records, capsys):
 def test_no_result_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no defense results" in capsys.readouterr().err
+
+
+def test_metrics_option_adds_ra_and_defense_time(tmp_path):
+    root = tmp_path / "record"
+    put(root, "bn", "ulrl", metrics(0.90, 0.99, 0.01), metrics(0.88, 0.01, 0.85), attack="badnet",
+        retune=metrics(0.85, 0.60))
+    summary_file = root / "bn/defense/ulrl/summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["times_s"] = {"total": 12.5, "retune": 2.5}
+    summary_file.write_text(json.dumps(summary))
+    assert main([str(root), "--out", str(tmp_path / "t"), "--metrics", "acc", "asr", "ra",
+                 "time"]) == 0
+    row = read_csv(tmp_path / "t.csv")[0]
+    assert [k for k in row if k.startswith("ulrl_")] == ["ulrl_acc", "ulrl_asr", "ulrl_ra",
+                                                         "ulrl_time"]
+    assert float(row["ulrl_ra"]) == pytest.approx(85.0) and float(row["ulrl_time"]) == 10.0
+    assert "| ulrl time (s) |" in (tmp_path / "t.md").read_text()

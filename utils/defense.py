@@ -3,6 +3,7 @@ defense subset, evaluation, and the output files in record/<name>/defense/<metho
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from utils.data import Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
 from utils.errors import UserError
 from utils.io import check_writable, write_csv, write_json, write_text
+from utils.plots import write_plots
 from utils.record import backdoor_set, load_attack_record, save_defense_result
 from utils.retune import RETUNE_OPTIONS, retune_check, retune_set
 from utils.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, to_device
@@ -46,6 +48,10 @@ DEFENSE_OPTIONS = {
                                "subsample of this many clean and backdoor test images (0: off)"),
     "eval_every_epoch": Option(False, "evaluate the full clean and backdoor test sets after every "
                                       "epoch (the public code's schedule; slow)"),
+    "tag": Option("", "write into defense/<method>_<tag>/ instead of defense/<method>/ (variants, "
+                      "e.g. ablations, side by side)"),
+    "plots": Option(True, "write PNG charts into the output folder (needs matplotlib; without it "
+                          "a warning)"),
     "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
                                   "from whoever made it); only for records you made yourself"),
     **RETUNE_OPTIONS,
@@ -79,7 +85,9 @@ class DefenseRun:
         setup_console_logging()
         require(bool(cfg.result_file), "--result_file is required: the record folder name under "
                                        f"{cfg.record_dir}/")
-        self.cfg, self.method = cfg, method
+        require(re.fullmatch(r"[\w.+-]*", cfg.tag),
+                f"--tag must be letters, digits, . + - _, got {cfg.tag!r}")
+        self.cfg, self.method = cfg, f"{method}_{cfg.tag}" if cfg.tag else method
         self.start = time.perf_counter()
         self.times: dict[str, float] = {}
         self.epochs: list[dict] = []  # one row per training epoch, for <method>_df.csv
@@ -87,7 +95,7 @@ class DefenseRun:
         require((self.folder / "attack_result.pt").is_file(),
                 f"no attack record at {self.folder / 'attack_result.pt'}: check --result_file and "
                 "--record_dir (records live in record/<name>/attack_result.pt)")
-        self.out = check_writable(self.folder / "defense" / method)
+        self.out = check_writable(self.folder / "defense" / self.method)
         self.device = resolve_device(cfg.device)
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -226,6 +234,8 @@ class DefenseRun:
         for name, m in (("before", before), ("after", after)):
             log.info("%-10s %7.2f%% %7.2f%% %7.2f%%", name, 100 * m["test_acc"],
                      100 * m["test_asr"], 100 * m["test_ra"])
+        if cfg.plots:
+            write_plots(self.out)
         log.info("results in %s (%.1f s)", self.out, self.times["total"])
         return summary
 

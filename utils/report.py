@@ -14,6 +14,8 @@ change (defended minus undefended, points), the ASR, BackdoorBench's defense eff
 DER = [max(0, ASR drop) - max(0, C-ACC drop) + 1] / 2 (in %, 100 = backdoor gone at no cost,
 50 = no change), and the ASR after the retuning check (--retune_check) when any run has one; an
 average row per dataset (mean over the rows that have the value). All numbers are percentages.
+`--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
+time in seconds without the retuning check (time).
 """
 from __future__ import annotations
 
@@ -87,19 +89,38 @@ def result_line(summary: dict) -> str:
     return line + f"{summary['times_s']['total']:.1f} s"
 
 
-def columns(methods: list[str], retuned: set[str]) -> list[tuple[str, str]]:
-    """(csv name, markdown header) of every column."""
+def defense_seconds(summary: dict) -> float:
+    """Wall time of the defense itself: the run's total without the optional retuning check."""
+    times = summary["times_s"]
+    return times["total"] - times.get("retune", 0.0)
+
+
+# per-defense cells: name -> (markdown header, value of a Result, or None when it has none)
+METRICS = {
+    "acc": ("C-ACC", lambda r: 100 * r.after["test_acc"]),
+    "acc_change": ("ΔC-ACC", lambda r: 100 * (r.after["test_acc"] - r.before["test_acc"])),
+    "asr": ("ASR", lambda r: 100 * r.after["test_asr"]),
+    "ra": ("RA", lambda r: 100 * r.after["test_ra"]),
+    "der": ("DER", lambda r: der(r.before, r.after)),
+    "retune_asr": ("ASR after retune", lambda r: 100 * r.retune["test_asr"] if r.retune else None),
+    "time": ("time (s)", lambda r: defense_seconds(r.summary)),
+}
+DEFAULT_METRICS = ("acc_change", "asr", "der", "retune_asr")
+
+
+def columns(methods: list[str], metrics, results: list[Result]) -> list[tuple[str, str]]:
+    """(csv name, markdown header) of every column; a metric no run of a defense has is left out
+    (the retuning check when it did not run)."""
     cols = [("dataset", "Dataset"), ("attack", "Attack"), ("record", "Record"),
             ("no_defense_acc", "No Defense C-ACC"), ("no_defense_asr", "No Defense ASR")]
     for m in methods:
-        cols += [(f"{m}_acc_change", f"{m} ΔC-ACC"), (f"{m}_asr", f"{m} ASR"),
-                 (f"{m}_der", f"{m} DER")]
-        if m in retuned:
-            cols.append((f"{m}_retune_asr", f"{m} ASR after retune"))
+        runs = [r for r in results if r.method == m]
+        cols += [(f"{m}_{k}", f"{m} {METRICS[k][0]}") for k in metrics
+                 if any(METRICS[k][1](r) is not None for r in runs)]
     return cols
 
 
-def table_rows(results: list[Result], methods: list[str]) -> list[dict]:
+def table_rows(results: list[Result], methods: list[str], metrics) -> list[dict]:
     """One row per record (sorted by dataset, attack, record) and an average row per dataset."""
     by_record: dict[tuple, dict[str, Result]] = {}
     for r in results:
@@ -113,12 +134,10 @@ def table_rows(results: list[Result], methods: list[str]) -> list[dict]:
                "no_defense_asr": 100 * first.before["test_asr"]}
         for m in methods:
             if m in runs:
-                r = runs[m]
-                row[f"{m}_acc_change"] = 100 * (r.after["test_acc"] - r.before["test_acc"])
-                row[f"{m}_asr"] = 100 * r.after["test_asr"]
-                row[f"{m}_der"] = der(r.before, r.after)
-                if r.retune:
-                    row[f"{m}_retune_asr"] = 100 * r.retune["test_asr"]
+                for k in metrics:
+                    value = METRICS[k][1](runs[m])
+                    if value is not None:
+                        row[f"{m}_{k}"] = value
         rows.append(row)
         datasets.setdefault(key[0], []).append(row)
     out = []
@@ -134,7 +153,9 @@ def table_rows(results: list[Result], methods: list[str]) -> list[dict]:
 
 def fmt(key: str, value) -> str:
     if isinstance(value, float):
-        return f"{value:+.2f}" if key.endswith("_acc_change") else f"{value:.2f}"
+        if key.endswith("_acc_change"):
+            return f"{value:+.2f}"
+        return f"{value:.1f}" if key.endswith("_time") else f"{value:.2f}"
     return "" if value is None else str(value)
 
 
@@ -152,7 +173,8 @@ def markdown(title: str, cols: list[tuple[str, str]], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_tables(results: list[Result], defenses: list[str] | None = None) -> tuple[str, list]:
+def build_tables(results: list[Result], defenses: list[str] | None = None,
+                 metrics=DEFAULT_METRICS) -> tuple[str, list]:
     """(Markdown of one table per model, CSV rows of all tables with a 'model' column)."""
     methods = defenses or sorted({r.method for r in results})
     results = [r for r in results if r.method in methods]
@@ -160,10 +182,9 @@ def build_tables(results: list[Result], defenses: list[str] | None = None) -> tu
     for model in sorted({r.model for r in results}):
         mine = [r for r in results if r.model == model]
         present = [m for m in methods if any(r.method == m for r in mine)]
-        retuned = {r.method for r in mine if r.retune}
-        cols = columns(present, retuned)
-        rows = table_rows(mine, present)
-        md_parts.append(markdown(f"{model}: C-ACC, ΔC-ACC (points), ASR, DER (%)", cols, rows))
+        cols = columns(present, metrics, mine)
+        rows = table_rows(mine, present, metrics)
+        md_parts.append(markdown(f"{model}: percentages; ΔC-ACC in points", cols, rows))
         csv_rows += [{"model": model, **{k: round(row[k], 4) if isinstance(row.get(k), float)
                                          else row.get(k, "") for k, _ in cols}} for row in rows]
     return "\n".join(md_parts), csv_rows
@@ -175,6 +196,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write OUT.md and OUT.csv (default: <first folder>/report)")
     parser.add_argument("--defenses", nargs="+", help="defense columns, in this order "
                         "(default: every method found, alphabetically)")
+    parser.add_argument("--metrics", nargs="+", choices=list(METRICS), default=DEFAULT_METRICS,
+                        help="cells per defense, in this order (default: %(default)s); acc = "
+                             "C-ACC after, ra = robust accuracy, time = the defense's seconds "
+                             "(without the retuning check)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
@@ -195,7 +220,7 @@ def main(argv=None) -> int:
         for r in results:
             print(result_line(r.summary))
         return 0
-    text, rows = build_tables(results, args.defenses)
+    text, rows = build_tables(results, args.defenses, args.metrics)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
     write_text(f"{out}.md", text)
     write_csv(f"{out}.csv", rows)

@@ -69,23 +69,29 @@ class Batches:
 
 def train_epoch(model, batches: Batches, optimizer, loss_fn: Callable, *, ascent: bool = False,
                 clip_norm: float | None = None, amp: bool = True, progress=None,
-                transform: Callable | None = None) -> dict:
+                transform: Callable | None = None, stop: Callable | None = None) -> dict:
     """One pass over `batches`. loss_fn(logits, labels) -> scalar loss. With ascent=True the loss is
     maximized (gradient ascent). `transform(x, y) -> (x, y)` rewrites each batch before the forward
-    (training-time poisoning of training-controlled attacks). Returns the mean loss and the running accuracy of the epoch's
-    train-mode predictions (taken from the same forward, so it costs nothing extra)."""
+    (training-time poisoning of training-controlled attacks). Returns the mean loss and the running
+    accuracy of the epoch's train-mode predictions (taken from the same forward, so it costs nothing
+    extra). `stop(logits, labels) -> bool` is asked after every forward, before the update: True ends
+    the epoch without that step and returns that batch's loss and accuracy with `stopped` and
+    `stopped_after` (the steps taken)."""
     model.train()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for x, y, _ in batches:
+    for step, (x, y, _) in enumerate(batches):
         if transform is not None:
             x, y = transform(x, y)
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
+        if stop is not None and stop(logits.detach(), y):
+            return {"loss": loss.item(), "train_acc": accuracy(logits.detach().argmax(1), y),
+                    "stopped": True, "stopped_after": step}
         if not torch.isfinite(loss):
             raise UserError(f"training loss became {loss.item()} (not finite): lower the learning "
                             "rate or check the record's weights")
