@@ -125,3 +125,13 @@ def test_metrics_option_adds_ra_and_defense_time(tmp_path):
                                                          "ulrl_time"]
     assert float(row["ulrl_ra"]) == pytest.approx(85.0) and float(row["ulrl_time"]) == 10.0
     assert "| ulrl time (s) |" in (tmp_path / "t.md").read_text()
+
+
+def test_compact_puts_a_defense_in_one_cell(records, tmp_path):
+    assert main([str(records), "--out", str(tmp_path / "t"), "--defenses", "ulrl", "ft",
+                 "--compact"]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| ulrl ΔC-ACC / ASR / DER / ASR after retune | ft ΔC-ACC / ASR / DER |" in text
+    badnet = next(line for line in text.splitlines() if "| badnet |" in line)
+    assert "| 90.00 / 99.00 | -2.00 / 1.00 / 98.00 / 60.00 | +1.00 / 50.00 / 74.50 |" in badnet
+    assert "ft_asr" in read_csv(tmp_path / "t.csv")[0]  # the CSV keeps one column per value

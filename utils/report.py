@@ -14,7 +14,7 @@ change (defended minus undefended, points), the ASR, BackdoorBench's defense eff
 DER = [max(0, ASR drop) - max(0, C-ACC drop) + 1] / 2 (in %, 100 = backdoor gone at no cost,
 50 = no change), and the ASR after the retuning check (--retune_check) when any run has one; an
 average row per dataset (mean over the rows that have the value). All numbers are percentages.
-`--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
+`--compact` puts a defense's cells in one Markdown column. `--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
 time in seconds without the retuning check (time).
 """
 from __future__ import annotations
@@ -159,13 +159,18 @@ def fmt(key: str, value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(title: str, cols: list[tuple[str, str]], rows: list[dict]) -> str:
+def markdown(title: str, cols: list[tuple], rows: list[dict]) -> str:
+    """A Markdown table; a column is (csv name, header) or, compact, (tuple of csv names, header)
+    with its values joined by ' / '."""
+    def cell(row, keys):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        return " / ".join(fmt(k, row[k]) if k in row else "–" for k in keys)
     lines = [f"### {title}", "", "| " + " | ".join(h for _, h in cols) + " |",
              "|" + "|".join("---" if k in ("dataset", "attack", "record") else "---:"
                             for k, _ in cols) + "|"]
     shown = None
     for row in rows:
-        cells = [fmt(k, row[k]) if k in row else "–" for k, _ in cols]
+        cells = [cell(row, k) for k, _ in cols]
         if row["dataset"] == shown:  # the dataset once per group, as the paper's tables
             cells[0] = ""
         shown = row["dataset"]
@@ -173,8 +178,22 @@ def markdown(title: str, cols: list[tuple[str, str]], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_columns(cols: list[tuple[str, str]], methods: list[str], metrics) -> list[tuple]:
+    """One column per defense holding all its metrics (the paper's tables put C-ACC and ASR of a
+    defense side by side; here in one cell, so that seven defenses fit a page)."""
+    present = {k for k, _ in cols}
+    out = [c for c in cols if c[0] in ("dataset", "attack", "record")]
+    out.append((("no_defense_acc", "no_defense_asr"), "No Defense C-ACC / ASR"))
+    for m in methods:
+        keys = tuple(f"{m}_{k}" for k in metrics if f"{m}_{k}" in present)
+        if keys:
+            names = " / ".join(METRICS[k][0] for k in metrics if f"{m}_{k}" in present)
+            out.append((keys, f"{m} {names}"))
+    return out
+
+
 def build_tables(results: list[Result], defenses: list[str] | None = None,
-                 metrics=DEFAULT_METRICS) -> tuple[str, list]:
+                 metrics=DEFAULT_METRICS, compact: bool = False) -> tuple[str, list]:
     """(Markdown of one table per model, CSV rows of all tables with a 'model' column)."""
     methods = defenses or sorted({r.method for r in results})
     results = [r for r in results if r.method in methods]
@@ -184,7 +203,8 @@ def build_tables(results: list[Result], defenses: list[str] | None = None,
         present = [m for m in methods if any(r.method == m for r in mine)]
         cols = columns(present, metrics, mine)
         rows = table_rows(mine, present, metrics)
-        md_parts.append(markdown(f"{model}: percentages; ΔC-ACC in points", cols, rows))
+        shown = compact_columns(cols, present, metrics) if compact else cols
+        md_parts.append(markdown(f"{model}: percentages; ΔC-ACC in points", shown, rows))
         csv_rows += [{"model": model, **{k: round(row[k], 4) if isinstance(row.get(k), float)
                                          else row.get(k, "") for k, _ in cols}} for row in rows]
     return "\n".join(md_parts), csv_rows
@@ -200,6 +220,9 @@ def main(argv=None) -> int:
                         help="cells per defense, in this order (default: %(default)s); acc = "
                              "C-ACC after, ra = robust accuracy, time = the defense's seconds "
                              "(without the retuning check)")
+    parser.add_argument("--compact", action="store_true",
+                        help="Markdown: one column per defense with its metrics joined by ' / ' "
+                             "(the CSV keeps one column per value)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
@@ -220,7 +243,7 @@ def main(argv=None) -> int:
         for r in results:
             print(result_line(r.summary))
         return 0
-    text, rows = build_tables(results, args.defenses, args.metrics)
+    text, rows = build_tables(results, args.defenses, args.metrics, args.compact)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
     write_text(f"{out}.md", text)
     write_csv(f"{out}.csv", rows)
