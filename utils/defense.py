@@ -78,6 +78,15 @@ def select_subset(n: int, cfg) -> list[int]:
     return random.Random(cfg.seed).sample(range(n), k)
 
 
+def record_model(record, state_dict, spec, device) -> torch.nn.Module:
+    """The record's architecture with `state_dict` loaded (the record's own weights or a defended
+    model's), on `device`; the input channel count is read from the record's weights."""
+    model = build_model(record.model_name, record.num_classes,
+                        in_channels=input_channels(record.state_dict), image_size=spec.image_size[0])
+    load_weights(model, state_dict)
+    return to_device(model, device)
+
+
 class DefenseRun:
     """Loads a record and everything a defense needs; writes the defense's outputs."""
 
@@ -130,10 +139,7 @@ class DefenseRun:
                 f"record says {record.num_classes} classes but {spec.name} has {spec.num_classes}: "
                 "the record was made on another data set; pick the matching record")
         channels = input_channels(record.state_dict)
-        self.model = build_model(record.model_name, record.num_classes, in_channels=channels,
-                                 image_size=spec.image_size[0])
-        load_weights(self.model, record.state_dict)
-        to_device(self.model, self.device)
+        self.model = record_model(record, record.state_dict, spec, self.device)
         if cfg.compile:
             self.model.compile()  # in place: parameter names and the classifier stay the same
         self.linear_name, self.linear = find_classifier(self.model, record.num_classes,

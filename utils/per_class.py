@@ -13,21 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from models import build_model, input_channels, load_weights
+from models import input_channels
 from utils.cli import DEBUG_FLAG, main_guard, require, set_threads, setup_console_logging
 from utils.data import Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
+from utils.defense import record_model
 from utils.io import write_csv
 from utils.record import load_attack_record, load_defense_result
-from utils.train import eval_batch_size, predict, resolve_device, to_device
+from utils.train import accuracy, eval_batch_size, predict, resolve_device
 
 
 def per_class_accuracy(model, test, preprocess, batch_size: int, num_classes: int) -> list[float]:
-    pred = predict(model, test, preprocess, batch_size).cpu()
-    return [(pred[test.labels == c] == c).float().mean().item() if (test.labels == c).any()
-            else float("nan") for c in range(num_classes)]
+    pred = predict(model, test, preprocess, batch_size)
+    labels = test.labels.to(pred.device)
+    return [accuracy(pred[labels == c], labels[labels == c]) for c in range(num_classes)]
 
 
 def main(argv=None) -> None:
@@ -56,13 +55,8 @@ def main(argv=None) -> None:
     preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
     rows = []
     for name, state in models:
-        model = build_model(record.model_name, record.num_classes, in_channels=channels,
-                            image_size=spec.image_size[0])
-        load_weights(model, state)
-        to_device(model, device)
-        with torch.inference_mode():
-            acc = per_class_accuracy(model, test, preprocess, eval_batch_size(0, device),
-                                     record.num_classes)
+        acc = per_class_accuracy(record_model(record, state, spec, device), test, preprocess,
+                                 eval_batch_size(0, device), record.num_classes)
         rows.append({"model": name, **{f"class_{c}": round(100 * a, 2) for c, a in enumerate(acc)}})
     header = f"{'model':<14}" + "".join(f"{c:>7}" for c in range(record.num_classes))
     print(header)
