@@ -146,7 +146,7 @@ def test_record_that_is_not_a_pickle(capsys, record, data_root):
 
 @pytest.mark.parametrize("payload, refused", [
     ("eval", "eval"), ("subprocess", "subprocess.check_output"),
-    ("nested_in_dict", "posix.system"), ("numpy_object_array", "ObjectDType")])
+    ("nested_in_dict", "posix.system"), ("numpy_object_array", "object-dtype array")])
 def test_malicious_pickle_refused_without_running(capsys, record, data_root, payload, refused):
     pwned = record / "pwned"
     command = f"touch {pwned}"
@@ -157,7 +157,9 @@ def test_malicious_pickle_refused_without_running(capsys, record, data_root, pay
             }[payload]()
     edit_record(record, bd_test={"payload": evil})
     line = fails(capsys, ulrl_args(record, data_root))
-    assert refused in line and "--trust_record" in line and "run code" in line
+    assert refused in line
+    if payload != "numpy_object_array":  # refused as an object array before any global runs
+        assert "--trust_record" in line and "run code" in line
     assert not pwned.exists()
     assert_no_result(record, started=True)
 

@@ -44,7 +44,7 @@ def world(tmp_path):
     bd_train = ImageSet(images, torch.where(poison, 0, labels), labels.clone(), poison,
                         torch.arange(400))
     record = SimpleNamespace(bd_train=dataset_state(bd_train, 400, "r", "bd_train", tmp_path,
-                                                    mode="ram"), folder=tmp_path)
+                                                    mode="ram"), folder=tmp_path, num_classes=4)
     test_labels = torch.randint(1, 4, (300,), generator=gen)
     clean_test = ImageSet(striped(test_labels, gen), test_labels)
     bd_test = ImageSet(with_trigger(clean_test.images), torch.zeros(300, dtype=torch.long),

@@ -81,8 +81,11 @@ def select_subset(n: int, cfg) -> list[int]:
 def record_model(record, state_dict, spec, device) -> torch.nn.Module:
     """The record's architecture with `state_dict` loaded (the record's own weights or a defended
     model's), on `device`; the input channel count is read from the record's weights."""
-    model = build_model(record.model_name, record.num_classes,
-                        in_channels=input_channels(record.state_dict), image_size=spec.image_size[0])
+    channels = input_channels(record.state_dict)
+    require(channels in (1, 3), f"the record's first convolution takes {channels} input channels; "
+                                "images have 1 or 3: the record's weights are damaged")
+    model = build_model(record.model_name, record.num_classes, in_channels=channels,
+                        image_size=spec.image_size[0])
     load_weights(model, state_dict)
     return to_device(model, device)
 
@@ -146,7 +149,7 @@ class DefenseRun:
                                                         cfg.linear_name)
         clean_train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
         clean_test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
-        bd_test = backdoor_set(record.bd_test, clean_test, self.folder)
+        bd_test = backdoor_set(record.bd_test, clean_test, self.folder, record.num_classes)
         self.subset_index = select_subset(len(clean_train), cfg)
         require(len(self.subset_index) >= record.num_classes,
                 f"the defense subset has {len(self.subset_index)} images, fewer than the "

@@ -1,21 +1,18 @@
 """Read and write BackdoorBench attack records (`record/<name>/attack_result.pt`) safely.
 
-A record comes from whoever ran the attack, i.e. exactly the party a defender distrusts, and a
-pickle can run any code while it is read. So records are loaded with torch's weights_only unpickler
-and a scoped allowlist of the few numpy / PIL types BackdoorBench records contain; the unsafe loader
-is only used behind the explicit --trust_record opt-in. What we write is plain data (dicts, numpy
+Records are loaded with the allowlisted unpickler of utils/unpickle.py; everything read from them
+is then checked before use: types and shapes, index arrays within the clean data and without
+repeats, labels within the classes, finite weights and BatchNorm variances >= 0, poisoned images
+decoded as PNG only and size-checked before decoding. What we write is plain data (dicts, numpy
 arrays, numpy int64 keys, str/int/list/tuple, CPU tensors) so BackdoorBench and the ULRL code load
 it as is.
 See shared/reference/backdoorbench.md for the format.
 """
 from __future__ import annotations
 
-import _compat_pickle
 import logging
 import os
-import pickle
 import posixpath
-import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +26,11 @@ from utils.data import ImageSet
 from utils.cli import available_cores
 from utils.errors import UserError, shown
 from utils.io import torch_save
+from utils.unpickle import safe_load
 
-try:  # numpy 2.x; numpy 1.x only has the old spelling
-    from numpy._core import multiarray as _np_multiarray
-except ImportError:  # pragma: no cover
-    from numpy.core import multiarray as _np_multiarray
+__all__ = ["RECORD_FILE", "AttackRecord", "safe_load", "strip_module_prefix", "load_attack_record",
+           "backdoor_set", "dataset_state", "save_attack_record", "save_defense_result",
+           "load_defense_result"]
 
 log = logging.getLogger("backdoor")
 
@@ -48,66 +45,6 @@ def _decode_threads(height: int, width: int) -> int:
     0.54 s vs 0.37 s). Encoding compresses, which is heavier, so it always uses the cores
     (9,000 28x28 PNGs: 7.2 s with 1 thread, 4.3 s with 2)."""
     return min(_CORES, 8) if height * width >= 64 * 64 else 1
-
-_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-           np.uint64, np.float16, np.float32, np.float64, np.longdouble, np.complex64,
-           np.complex128, np.str_, np.bytes_)
-# Records pickled under numpy 1.x name these functions 'numpy.core.multiarray.*', numpy 2.x
-# 'numpy._core.multiarray.*'; the (callable, name) form maps both spellings to today's function.
-_NUMPY_FUNCS = [(getattr(_np_multiarray, fn), f"{mod}.multiarray.{fn}")
-                for fn in ("_reconstruct", "scalar") for mod in ("numpy.core", "numpy._core")]
-# The concrete dtype classes are needed because unpickling a dtype ends in a BUILD on an instance of
-# e.g. numpy.dtypes.Int64DType, which weights_only checks by type. Object dtype is left out on
-# purpose.
-# PIL.Image.Image alone suffices for RAM-mode records (checked for modes 1/L/P/RGB/RGBA/I;16/F):
-# it pickles as __newobj__(Image) + __setstate__([info, mode, size, palette, raw bytes]), and
-# __setstate__ only decodes raw pixel bytes. Images that were opened from files pickle as their
-# plugin subclass (e.g. PIL.PngImagePlugin.PngImageFile), which is deliberately not allowlisted.
-SAFE_GLOBALS = [np.ndarray, np.dtype, *(type(np.dtype(t)) for t in _DTYPES), *_NUMPY_FUNCS,
-                Image.Image]
-
-# Where torch's weights_only errors name the thing they refused.
-_REFUSED = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>|unrecognized function (\S+)")
-
-
-def safe_load(path, trust: bool = False):
-    """torch.load onto the CPU; weights_only with the record allowlist unless `trust`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"file {path} does not exist: check the record folder name and location")
-    try:
-        if trust:
-            log.warning("loading %s with --trust_record: unpickling may run code from whoever "
-                        "made this file", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _REFUSED.search(str(e))
-        if found and not trust:
-            name = _python3_name(next(g for g in found.groups() if g))
-            raise UserError(f"{path}: the record wants to run code ({name}) while loading; if you "
-                            "trust its author, rerun with --trust_record") from None
-        raise _corrupt(path, e) from None
-    except Exception as e:  # truncated zip, EOF, junk bytes: torch raises many different types
-        raise _corrupt(path, e) from None
-
-
-def _python3_name(name: str) -> str:
-    """'commands.check_output' -> 'subprocess.check_output': pickle protocol 2 stores some
-    globals under their Python 2 names, which would hide what the record asked for."""
-    module, _, attr = name.rpartition(".")
-    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}" if module else attr
-
-
-def _corrupt(path, e: Exception) -> UserError:
-    # weights_only errors open with a paragraph of advice; the finding follows this marker.
-    text = str(e).split("WeightsUnpickler error:", 1)[-1]
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    detail = shown(first.split(". ", 1)[0])  # torch's follow-up sentences are advice for itself
-    return UserError(f"cannot read {path} ({type(e).__name__}: {detail}): the file is truncated "
-                     "or corrupt; copy or regenerate it")
 
 
 def strip_module_prefix(state_dict) -> dict:
@@ -154,11 +91,15 @@ def _check_state_dict(sd, where, key: str) -> dict:
     broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     _need(not broken, where, f"{key}.{shown(broken[0]) if broken else ''}",
           "holds NaN or inf values (not finite): the weights are broken")
+    negative = [k for k, v in sd.items() if k.endswith("running_var") and bool((v < 0).any())]
+    _need(not negative, where, f"{key}.{shown(negative[0]) if negative else ''}",
+          "holds a negative BatchNorm variance: the weights are broken")
     return strip_module_prefix(sd)
 
 
 def _check_state(state, where, key: str) -> None:
-    """A dataset state must have the fields backdoor_set reads, with usable types."""
+    """A dataset state must have the fields backdoor_set reads, with usable types, and its
+    original_index_array must be distinct indices into its poison_indicator."""
     _need(isinstance(state, Mapping), where, key, "must be a dataset state dict")
     for field in ("original_index_array", "poison_indicator", "bd_data_container"):
         _need(field in state, where, f"{key}.{field}", "is missing")
@@ -166,9 +107,26 @@ def _check_state(state, where, key: str) -> None:
         arr = np.asarray(state[field])
         _need(arr.ndim == 1 and (arr.dtype.kind in kinds or arr.size == 0), where,
               f"{key}.{field}", "must be a 1-D numeric array")
+    order = np.asarray(state["original_index_array"]).astype(np.int64)
+    n_flags = len(state["poison_indicator"])
+    _need(order.size == 0 or (order.min() >= 0 and order.max() < n_flags), where,
+          f"{key}.original_index_array", f"must index its poison_indicator (0..{n_flags - 1})")
+    _need(np.unique(order).size == order.size, where, f"{key}.original_index_array",
+          "repeats indices")
     container = state["bd_data_container"]
     _need(isinstance(container, Mapping) and isinstance(container.get("data_dict"), Mapping),
           where, f"{key}.bd_data_container.data_dict", "must be a dict")
+
+
+def poisoned_order(state, n_clean: int, folder) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset state's original_index_array, checked against the clean data it indexes, and
+    which of its entries are poisoned."""
+    _check_state(state, folder, "dataset state")
+    order = np.asarray(state["original_index_array"]).astype(np.int64)
+    if order.size and order.max() >= n_clean:
+        raise UserError(f"record {folder}: original_index_array points outside the clean data "
+                        f"({n_clean} samples): the record was made on a different data set")
+    return order, np.asarray(state["poison_indicator"])[order] == 1
 
 
 def load_attack_record(folder, trust: bool = False) -> AttackRecord:
@@ -237,24 +195,23 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _label(value, folder, where: str) -> int:
+def _label(value, folder, where: str, num_classes: int) -> int:
     label = _as_int(value)
-    _need(label is not None and 0 <= label < 2**31, folder, f"{where} labels",
-          f"must be non-negative ints, got {shown(value, 40)}")
+    _need(label is not None and 0 <= label < num_classes, folder, f"{where} labels",
+          f"must be class indices 0..{num_classes - 1}, got {shown(value, 40)}")
     return label
 
 
-def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
+def backdoor_set(state: dict, clean: ImageSet, record_folder,
+                 num_classes: int | None = None) -> ImageSet:
     """A BackdoorBench dataset state as an ImageSet, in original_index_array order: poisoned items
-    come from the record's container, the others from `clean` at the same index."""
+    come from the record's container, the others from `clean` at the same index. Labels must be
+    below num_classes (default: the clean data's label range)."""
     folder = Path(record_folder)
-    _check_state(state, folder, "dataset state")
-    order = np.asarray(state["original_index_array"]).astype(np.int64)
-    indicator = np.asarray(state["poison_indicator"])
     n_clean, channels, height, width = clean.images.shape
-    if order.size and (order.min() < 0 or order.max() >= min(n_clean, len(indicator))):
-        raise UserError(f"record {folder}: original_index_array points outside the clean data "
-                        f"({n_clean} samples): the record was made on a different data set")
+    order, flags = poisoned_order(state, n_clean, folder)
+    if num_classes is None:
+        num_classes = int(clean.labels.max()) + 1 if len(clean.labels) else 1
     if channels not in (1, 3):
         raise UserError(f"clean images have {channels} channels; records need 1 or 3")
     mode = "L" if channels == 1 else "RGB"
@@ -265,7 +222,7 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
     images = clean.images[idx].clone()
     labels = clean.labels[idx].clone()
     true_labels = labels.clone()
-    poisoned = torch.from_numpy(indicator[order] == 1)
+    poisoned = torch.from_numpy(flags)
 
     def pixels(img: Image.Image, where) -> np.ndarray:
         # The size before decoding: a damaged header must not make us decode a huge image.
@@ -281,8 +238,9 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
         if isinstance(item, Mapping) and "path" in item:  # disk mode
             where = _resolve_png(item["path"], folder)
             info = item.get("other_info")
-            png_only = ["PNG"] if where.suffix.lower() == ".png" else None  # skip probing
-            with _decoded(lambda: Image.open(where, formats=png_only), where) as img:
+            # PNG only, whatever the name says: other PIL plugins (EPS runs Ghostscript) are
+            # more attack surface than records need.
+            with _decoded(lambda: Image.open(where, formats=["PNG"]), where) as img:
                 array = pixels(img, where)
         elif isinstance(item, (tuple, list)) and len(item) >= 3:  # RAM mode
             where, info, img = f"data_dict[{index}]", item[1:3], item[0]
@@ -295,7 +253,8 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder) -> ImageSet:
                             "nor {'path', 'other_info'}; the record is damaged")
         _need(isinstance(info, (tuple, list)) and len(info) >= 2, folder, f"{where} labels",
               "must be [backdoor_label, original_label]")
-        return array, _label(info[0], folder, where), _label(info[1], folder, where)
+        return (array, _label(info[0], folder, where, num_classes),
+                _label(info[1], folder, where, num_classes))
 
     where_poisoned = torch.nonzero(poisoned).flatten()
     keys = order[where_poisoned.numpy()].tolist()

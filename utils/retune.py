@@ -29,7 +29,7 @@ import torch
 from utils.cli import log, require
 from utils.config import Option
 from utils.data import ImageSet
-from utils.record import backdoor_set
+from utils.record import backdoor_set, poisoned_order
 from utils.train import Batches, cross_entropy, train_epoch
 
 RETUNE_OPTIONS = {
@@ -59,8 +59,8 @@ def retune_set(record, clean_train: ImageSet, defense_data: ImageSet, cfg,
     require(n_clean <= len(defense_data), f"--retune_clean {n_clean} exceeds the "
             f"{len(defense_data)} defense images: lower it or raise --ratio")
     state = record.bd_train
-    order = np.asarray(state["original_index_array"]).astype(np.int64)
-    candidates = order[np.asarray(state["poison_indicator"])[order] == 1]
+    order, flags = poisoned_order(state, len(clean_train), record.folder)
+    candidates = order[flags]
     n_poison = max(1, round(cfg.retune_poison_ratio * n_clean))
     require(n_poison <= len(candidates), f"the retuning check wants {n_poison} poisoned images "
             f"but the record's bd_train has {len(candidates)}: lower --retune_poison_ratio")
@@ -69,7 +69,8 @@ def retune_set(record, clean_train: ImageSet, defense_data: ImageSet, cfg,
                                 .to(defense_data.images.device))
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_poison].numpy()]
     poisoned = backdoor_set({**state, "original_index_array": np.sort(chosen)}, clean_train,
-                            record.folder).with_channels(channels).to(defense_data.images.device)
+                            record.folder, record.num_classes)
+    poisoned = poisoned.with_channels(channels).to(defense_data.images.device)
     return ImageSet(torch.cat([clean.images, poisoned.images]),
                     torch.cat([clean.labels, poisoned.labels]),
                     poisoned=torch.cat([torch.zeros_like(clean.labels, dtype=torch.bool),

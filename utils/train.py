@@ -121,16 +121,24 @@ def eval_batch_size(requested: int, device: torch.device) -> int:
 @torch.inference_mode()
 def predict(model, data: ImageSet, preprocess: Preprocess, batch_size: int = 256,
             amp: bool = True) -> torch.Tensor:
-    """Predicted class of every image, in eval mode."""
+    """Predicted class of every image, in eval mode. An output that is NaN or inf is an error:
+    argmax would turn it into a class and a meaningless metric."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     preds = []
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once, not per batch
     for start in range(0, len(data), batch_size):
         x = preprocess(data.images[start:start + batch_size].to(device))
         with autocast(device, amp):
-            preds.append(model(x).argmax(1))
+            logits = model(x)
+        finite &= torch.isfinite(logits).all()
+        preds.append(logits.argmax(1))
     model.train(was_training)
+    if not finite:
+        raise UserError("the model outputs NaN or inf (not finite): its weights are broken (e.g. "
+                        "a BatchNorm running_var below 0 or weights too large); check the record "
+                        "or lower the learning rate")
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=device)
 
 
