@@ -56,7 +56,7 @@ OPTIONS = {
     # step 1: unlearning
     **{key: ULRL_OPTIONS[key] for key in UNLEARNING_KEYS},
     "clip_norm": Option(0.0, "gradient-norm clipping while unlearning (0: off; the public code's "
-                             "clipping runs before backward and clips nothing)"),
+                             "clipping runs before backward and clips nothing)", bounds=">= 0"),
     # step 2: recovering the masks
     "recovering_lr": Option(0.2, "SGD learning rate of the BatchNorm masks", bounds="> 0"),
     "recovering_momentum": Option(0.9, "SGD momentum of the masks"),

@@ -44,8 +44,8 @@ OPTIONS = {
     "unlearning_momentum": Option(0.9, "SGD momentum while unlearning"),
     "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning"),
     "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs), gamma 0.1",
-                                    nargs="+"),
-    "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)"),
+                                    nargs="+", bounds=">= 0"),
+    "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)", bounds=">= 0"),
     # identification
     "dispersion": Option("mad", "outlier scale: 'mad', 'sd' or 'iqr' (Appendix C)",
                          choices=("mad", "sd", "iqr")),

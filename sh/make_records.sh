@@ -30,6 +30,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+for value in "$dataset" "$model" $attacks; do  # names, not paths: they build file names below
+  [[ "$value" =~ ^[a-z0-9_]+$ ]] || { echo "'$value' is not a data set, model or attack name (lowercase letters, digits, _)" >&2; exit 2; }
+done
 if [ -z "$attacks" ]; then
   attacks=$(for f in "$ROOT"/attack/*.py; do basename "$f" .py; done | grep -v '^_' | tr '\n' ' ')
 fi

@@ -17,9 +17,11 @@
 # Records: the folders under --record_dir with an attack_result.pt (default: all). Each pair reads
 # config/defense/<method>/<dataset>_<model>.yaml, else <dataset>.yaml, else default.yaml, unless
 # --yaml_path is among the extra arguments; dataset and model come from the record's
-# attack_summary.json, else from its attack_result.pt. A pair's output is kept in
-# <record_dir>/<record>/defense/<method>_run.txt and one result line is printed (utils/report.py).
-# Exit code 1 if a pair failed or a pattern matched no record.
+# attack_summary.json, else from its attack_result.pt, and must be registered names (a record is
+# untrusted: utils/sweep_tools.py). A pair is done when its summary.json is a result this user's
+# runs sealed (a record can ship files of its own). A pair's output is kept in
+# <record_dir>/<record>/defense/<method>_run.txt (never written through a link) and one result line
+# is printed (utils/report.py). Exit code 1 if a pair failed or a pattern matched no record.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,7 +37,7 @@ while [ $# -gt 0 ]; do
     --dry-run) dry=1 ;;
     --task_list) task_list="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     -*) echo "unknown option '$1' (bash sh/sweep.sh --help)" >&2; exit 2 ;;
     *) patterns+=("$1") ;;
   esac
@@ -58,20 +60,7 @@ fi
 [ -n "$jobs" ] || jobs=$(( ${#gpus[@]} > 0 ? ${#gpus[@]} : 1 ))
 [ -n "$task_list" ] && : > "$task_list"
 
-record_info() {  # "dataset model" of a record folder
-  python3 - "$1" <<'EOF' 2>/dev/null
-import json, sys
-from pathlib import Path
-folder = Path(sys.argv[1])
-try:
-    info = json.loads((folder / "attack_summary.json").read_text())
-    print(info["dataset"], info["model"])
-except (OSError, ValueError, KeyError):
-    from utils.record import load_attack_record
-    record = load_attack_record(folder)
-    print(record.clean_data, record.model_name)
-EOF
-}
+tools() { python3 -m utils.sweep_tools "$@"; }
 
 pick_yaml() {  # method dataset model -> the yaml path, or nothing
   local dir="$ROOT/config/defense/$1"
@@ -114,13 +103,19 @@ for pattern in "${patterns[@]}"; do
       folder="$method${tag:+_$tag}"
       summary="$record_dir/$name/defense/$folder/summary.json"
       if [ -f "$summary" ] && [ $force -eq 0 ]; then
-        line="$(python3 -m utils.report --lines "$summary")  (existing; --force reruns)"
-        if [ $dry -eq 1 ] || [ -n "$task_list" ]; then echo "# $line"; else echo "$line"; fi
-        continue
+        if reason=$(tools done "$summary"); then
+          line="$(python3 -m utils.report --lines "$summary")  (existing; --force reruns)"
+          if [ $dry -eq 1 ] || [ -n "$task_list" ]; then echo "# $line"; else echo "$line"; fi
+          continue
+        fi
+        echo "# $name $folder: summary.json is not a result of this tool ($reason): running it"
       fi
       cmd=(python3 "$ROOT/defense/$method.py" --result_file "$name" --record_dir "$record_dir")
       if [ $has_yaml -eq 0 ]; then
-        [ -n "$info" ] || info=$(record_info "$record_dir/$name")
+        if [ -z "$info" ] && ! info=$(tools record-info "$record_dir/$name" 2>&1); then
+          echo "$name: FAILED: ${info#error: }"; info=""; failed=$((failed + 1)); break
+        fi
+        # shellcheck disable=SC2086  # "dataset model": two registered names, checked above
         yaml=$(pick_yaml "$method" $info)
         [ -n "$yaml" ] && cmd+=(--yaml_path "$yaml")
       fi
@@ -134,7 +129,9 @@ for pattern in "${patterns[@]}"; do
       acquire_slot
       env_cmd=(env)
       [ ${#gpus[@]} -gt 0 ] && env_cmd+=("CUDA_VISIBLE_DEVICES=${gpus[$((slot % ${#gpus[@]}))]}")
-      mkdir -p "$record_dir/$name/defense"
+      if ! refused=$(tools prepare-log "$record_dir/$name" "${folder}_run.txt" 2>&1); then
+        echo "$name $folder: FAILED: ${refused#error: }"; failed=$((failed + 1)); continue
+      fi
       run_pair "$name" "$folder" "$summary" "$record_dir/$name/defense/${folder}_run.txt" \
         "${env_cmd[@]}" "${cmd[@]}" &
       slot_pid[$slot]=$!

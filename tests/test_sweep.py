@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import tiny_record
+from utils.result_set import seal
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFENSES = sorted(p.stem for p in (ROOT / "defense").glob("*.py") if not p.stem.startswith("_"))
@@ -29,13 +30,15 @@ def fake_record(root, name, dataset="fashion_mnist", model="smallcnn"):
         {"attack": "badnet", "dataset": dataset, "model": model}))
 
 
-def finished(root, name, method):
+def finished(root, name, method, sealed=True):
+    """A result folder as a run of this tool leaves it (sealed), or as a record could ship it."""
     folder = root / name / "defense" / method
     folder.mkdir(parents=True)
+    (folder / "defense_result.pt").write_bytes(b"weights")
     m = {"test_acc": 0.9, "test_asr": 0.9, "test_ra": 0.1}
-    (folder / "summary.json").write_text(json.dumps({"method": method, "record": str(root / name),
-                                                     "before": m, "after": m,
-                                                     "times_s": {"total": 1.0}}))
+    summary = {"method": method, "record": str(root / name), "before": m, "after": m,
+               "times_s": {"total": 1.0}}
+    (folder / "summary.json").write_text(json.dumps(seal(folder, summary) if sealed else summary))
 
 
 def commands(done):

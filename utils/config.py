@@ -14,7 +14,10 @@ from typing import Any
 import yaml
 
 from utils.cli import DEBUG_FLAG
-from utils.errors import UserError
+from utils.errors import UserError, shown
+
+YAML_MAX_BYTES = 64 * 1024  # the shipped configs are under 1 KiB
+YAML_MAX_NODES = 10_000  # values after alias expansion: aliases can nest into billions
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Option:
     conflicts: tuple[str, ...] = ()  # options that must not be set together with this one
     bounds: str | None = None  # allowed range of a number (or of every item of a list), checked
     # after yaml and command line are merged: "> 0", ">= 1", "<= 1", "[0, 1]", "(0, 1]", "[0, 1)"
+    command_line_only: bool = False  # a safety switch: only the person at the keyboard sets it
 
     @property
     def value_type(self):
@@ -75,7 +79,8 @@ def _coerce(key: str, option: Option, value, source: str):
         else:
             value = _convert(kind, value)
     except (TypeError, ValueError, OverflowError) as e:
-        raise UserError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}") from e
+        raise UserError(f"{source}: '{key}' must be {kind.__name__}, "
+                        f"got {shown(repr(value), 80)}") from e
     for item in value if isinstance(value, list) else [value]:
         # inf passes range checks such as "lr > 0" and nan poisons every later computation;
         # torch's seeds and sizes are 64-bit. Refuse them here, not deep inside a run.
@@ -85,7 +90,7 @@ def _coerce(key: str, option: Option, value, source: str):
             raise UserError(f"{source}: '{key}' must fit in 64 bits, got {item}")
     if option.choices and value not in option.choices:
         raise UserError(f"{source}: '{key}' must be one of {', '.join(map(str, option.choices))}, "
-                        f"got {value!r}")
+                        f"got {shown(repr(value), 80)}")
     return value
 
 
@@ -121,20 +126,45 @@ def _unknown_key_error(key: str, known, source: str) -> UserError:
     return UserError(f"{source}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
 
 
+def _expanded_nodes(data, limit: int) -> int:
+    """How many values `data` holds with every alias expanded, counting up to limit + 1 only."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def load_yaml(path, options: dict[str, Option]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing --yaml_path "
                         "(e.g. config/defense/ulrl/cifar10.yaml)")
+    with path.open("rb") as file:
+        raw = file.read(YAML_MAX_BYTES + 1)
+    if len(raw) > YAML_MAX_BYTES:
+        raise UserError(f"config file {path} is larger than {YAML_MAX_BYTES // 1024} KiB, far more "
+                        "than a config needs: pass the right --yaml_path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(raw) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid yaml: {e}".replace("\n", " ")) from e
+        raise UserError(f"config file {path} is not valid yaml: {shown(e, 300)}") from e
+    if _expanded_nodes(data, YAML_MAX_NODES) > YAML_MAX_NODES:
+        raise UserError(f"config file {path} expands to more than {YAML_MAX_NODES:,} values "
+                        "(nested aliases): a config is a flat list of key: value")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of key: value")
     for key in data:
         if key not in options:
-            raise _unknown_key_error(str(key), options, f"config file {path}")
+            raise _unknown_key_error(shown(key, 60), options, f"config file {path}")
+        if options[key].command_line_only:
+            raise UserError(f"config file {path}: '{key}' can only be given on the command line "
+                            "(a config file must not switch off a safety check); remove it")
     return {k: _coerce(k, options[k], v, f"config file {path}") for k, v in data.items()}
 
 

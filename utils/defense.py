@@ -15,10 +15,11 @@ from utils.cli import environment, log, log_file, peak_memory_mib, require, seed
 from utils.config import Option
 from utils.data import Preprocess
 from utils.datasets import get_dataset, load_clean_dataset
-from utils.errors import UserError
-from utils.io import check_writable, write_csv, write_json, write_text
+from utils.errors import UserError, shown
+from utils.io import write_csv, write_json, write_text
 from utils.plots import write_plots
 from utils.record import backdoor_set, load_attack_record, save_defense_result
+from utils.result_set import ResultSet, check_output_folder, seal
 from utils.retune import RETUNE_OPTIONS, retune_check, retune_set
 from utils.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, to_device
 
@@ -29,13 +30,16 @@ DEFENSE_OPTIONS = {
     "model": Option(None, "model; optional, must agree with the record's model_name", str),
     "dataset_path": Option("./data", "folder holding the clean data sets (<dataset_path>/<name>)"),
     "device": Option(None, "cpu, cuda or cuda:N; default cuda when available, else cpu", str),
-    "threads": Option(0, "CPU threads for torch (0: the cores this process may use)"),
-    "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization"),
+    "threads": Option(0, "CPU threads for torch (0: the cores this process may use)",
+                      bounds="[0, 1024]"),
+    "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization",
+                   bounds="[0, 4294967295]"),  # numpy's seed range
     "ratio": Option(0.01, "share of the clean training set used as defense data", bounds="(0, 1]"),
     "index": Option(None, "file of defense-subset indices (one per line) instead of --ratio", str,
                     conflicts=("ratio",)),
     "batch_size": Option(128, "training batch size", bounds=">= 1"),
-    "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)"),
+    "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)",
+                              bounds=">= 0"),
     "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
                           str),
     "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
@@ -45,7 +49,8 @@ DEFENSE_OPTIONS = {
                                "torch DataLoader, the reference the fast path is checked against)",
                      choices=("tensor", "dataloader")),
     "curve_samples": Option(0, "per-epoch curves: after every epoch, evaluate a fixed random "
-                               "subsample of this many clean and backdoor test images (0: off)"),
+                               "subsample of this many clean and backdoor test images (0: off)",
+                            bounds=">= 0"),
     "eval_every_epoch": Option(False, "evaluate the full clean and backdoor test sets after every "
                                       "epoch (the public code's schedule; slow)"),
     "tag": Option("", "write into defense/<method>_<tag>/ instead of defense/<method>/ (variants, "
@@ -53,7 +58,8 @@ DEFENSE_OPTIONS = {
     "plots": Option(True, "write PNG charts into the output folder (needs matplotlib; without it "
                           "a warning)"),
     "trust_record": Option(False, "UNSAFE: let the record unpickle arbitrary objects (runs code "
-                                  "from whoever made it); only for records you made yourself"),
+                                  "from whoever made it); only for records you made yourself; "
+                                  "command line only", command_line_only=True),
     **RETUNE_OPTIONS,
 }
 
@@ -97,8 +103,14 @@ class DefenseRun:
         setup_console_logging()
         require(bool(cfg.result_file), "--result_file is required: the record folder name under "
                                        f"{cfg.record_dir}/")
-        require(re.fullmatch(r"[\w.+-]*", cfg.tag),
-                f"--tag must be letters, digits, . + - _, got {cfg.tag!r}")
+        parts = cfg.result_file.split("/")
+        require(len(cfg.result_file) <= 1024 and "\0" not in cfg.result_file
+                and all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in parts),
+                f"--result_file must be a record folder name (or name/name) under "
+                f"{cfg.record_dir}/, at most 255 bytes a name, without '..', got "
+                f"{shown(cfg.result_file, 80)}")
+        require(re.fullmatch(r"[A-Za-z0-9_.+-]{0,64}", cfg.tag) is not None,
+                f"--tag must be at most 64 letters, digits, . + - _, got {shown(cfg.tag, 80)}")
         self.cfg, self.method = cfg, f"{method}_{cfg.tag}" if cfg.tag else method
         self.start = time.perf_counter()
         self.times: dict[str, float] = {}
@@ -107,15 +119,19 @@ class DefenseRun:
         require((self.folder / "attack_result.pt").is_file(),
                 f"no attack record at {self.folder / 'attack_result.pt'}: check --result_file and "
                 "--record_dir (records live in record/<name>/attack_result.pt)")
-        self.out = check_writable(self.folder / "defense" / self.method)
+        self.final = check_output_folder(self.folder, self.method)
         self.device = resolve_device(cfg.device)
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
 
     def __enter__(self):
+        # Everything is written into a fresh stage folder, swapped into place when the run ends
+        # well (utils/result_set.py): a failed run leaves the previous result as it was.
+        self._result = ResultSet(self.folder, self.method).__enter__()
+        self.out = self._result.stage
         self._log = log_file(self.out / f"{self.method}.log")
-        self._log.__enter__()
         try:
+            self._log.__enter__()
             self._load()
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)
@@ -124,9 +140,12 @@ class DefenseRun:
 
     def __exit__(self, *exc):
         if exc[0] is not None and issubclass(exc[0], UserError):
-            log.error("%s", exc[1])  # into the log file too
+            log.error("%s", exc[1])
             exc[1].logged = True
-        return self._log.__exit__(*exc)
+        try:
+            self._log.__exit__(*exc)
+        finally:
+            self._result.__exit__(*exc)
 
     def _load(self):
         cfg, t0 = self.cfg, time.perf_counter()
@@ -214,12 +233,14 @@ class DefenseRun:
         return {k: v.to(self.device) for k, v in self.record.state_dict.items()}
 
     def finish(self, before: dict, after: dict, details: dict) -> dict:
-        """Write defense_result.pt, summary.json, <method>_df.csv, <method>_df_summary.csv."""
+        """Write the result set into the stage: defense_result.pt, the retuning check's outcome,
+        <method>_df.csv, index.txt, <method>_df_summary.csv, plots, then the sealed summary.json.
+        Leaving the run's `with` block publishes them together."""
         record, cfg = self.record, self.cfg
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_defense_result(self.out / "defense_result.pt", model_name=record.model_name,
                             num_classes=record.num_classes, state_dict=state)
-        if cfg.retune_check:  # on a copy of the model, after its weights were saved
+        if cfg.retune_check:  # on a copy of the model
             details = {**details, "retune": self.timed("retune", retune_check, self)}
         self.times["total"] = time.perf_counter() - self.start
         summary = {
@@ -233,18 +254,18 @@ class DefenseRun:
             "config": {k: v for k, v in vars(cfg).items()},
             "environment": environment(self.device),
         }
-        write_json(self.out / "summary.json", summary)
         write_csv(self.out / f"{self.method}_df.csv", self.epochs)
-        # last: a rerun that fails earlier leaves no new index next to an older run's result
         write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         write_csv(self.out / f"{self.method}_df_summary.csv",
                   [{"model": "backdoored", **before}, {"model": self.method, **after}])
+        if cfg.plots:
+            write_plots(self.out, summary)
+        summary = seal(self.out, summary)  # last: it covers every other file of the set
+        write_json(self.out / "summary.json", summary)
         log.info("%-10s %8s %8s %8s", "", "C-ACC", "ASR", "RA")
         for name, m in (("before", before), ("after", after)):
             log.info("%-10s %7.2f%% %7.2f%% %7.2f%%", name, 100 * m["test_acc"],
                      100 * m["test_asr"], 100 * m["test_ra"])
-        if cfg.plots:
-            write_plots(self.out)
-        log.info("results in %s (%.1f s)", self.out, self.times["total"])
+        log.info("results in %s (%.1f s)", self.final, self.times["total"])
         return summary
 

@@ -81,22 +81,3 @@ def torch_save(path, obj) -> None:
     # unexplained "unexpected pos" RuntimeError, a Python file as OSError ENOSPC.
     with atomic_file(path) as file:
         torch.save(obj, file)
-
-
-def check_writable(folder) -> Path:
-    """Fail before any long computation if results could not be written into `folder`. Creates
-    nothing (the first file written makes the folder), so a run that fails early leaves no empty
-    folder behind: the nearest existing ancestor must be a folder we can create files in."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(f"output folder {folder} is not writable ({existing}: {e.strerror}): fix "
-                        "its permissions or run from a copy of the record") from e
-    return folder

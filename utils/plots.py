@@ -106,10 +106,11 @@ def curve_chart(plt, rows: list[dict], title: str, path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
-def write_plots(folder) -> list[Path]:
-    """Draw what a defense folder's files allow; returns the PNGs written."""
+def write_plots(folder, summary: dict | None = None) -> list[Path]:
+    """Draw what a defense folder's files allow (`summary`: its summary.json, read when not
+    given); returns the PNGs written."""
     folder = Path(folder)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = summary or json.loads((folder / "summary.json").read_text())
     plt = pyplot()
     if plt is None:
         return []
