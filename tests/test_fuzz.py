@@ -4,7 +4,9 @@ A record comes from the party the defender distrusts, so the loading path of a d
 file, its poisoned PNGs, the model built from it: everything `DefenseRun` does before training) is
 fed seeded random mutations of valid records: deleted and extra keys, values of another type,
 arrays and tensors of other shapes and dtypes, odd numbers and strings, byte flips, truncations and
-zeroed spans of the file, damaged PNGs. Each case must end in a load or a UserError, never another
+zeroed spans of the file, damaged PNGs; and, for half of the object mutations, the same structure
+with a hostile layout (stride-0, transposed or oversized views, other dtypes, reshapes) or label
+values outside the classes. Each case must end in a load or a UserError, never another
 exception, and within a time limit. Three valid bases: disk mode (PNG trees), RAM mode (pickled PIL
 images), RAM mode in torch's legacy (non-zip) format.
 
@@ -179,9 +181,42 @@ def _odd_string(node: str, rng: random.Random):
                        "preactresnet18", "mnist"])
 
 
+def _odd_layout(node, rng: random.Random):
+    """The same values or shape in a layout a hostile writer could choose: a stride-0 or
+    transposed view, a larger view of the same storage, another dtype, a reshaped copy."""
+    tensor = node if isinstance(node, torch.Tensor) else torch.from_numpy(np.asarray(node).copy())
+    if tensor.numel() == 0 or tensor.layout != torch.strided:
+        return node
+    flat = tensor.reshape(-1)
+    choice = rng.randrange(5)
+    if choice == 0:
+        return flat[:1].expand(rng.choice([2, flat.numel() * 3, 10**6]))
+    if choice == 1:
+        return tensor.t() if tensor.dim() == 2 else flat[::2]
+    if choice == 2:  # the shape stays, the storage behind it shrinks
+        out = flat.clone()
+        out.untyped_storage().resize_(out.untyped_storage().nbytes() // 2)
+        return out
+    if choice == 3:
+        kind = rng.choice([torch.float16, torch.int8, torch.int16, torch.uint8, torch.bool,
+                           torch.float64])
+        return flat.to(kind).reshape(tensor.shape)
+    return flat.reshape(-1, 1) if tensor.dim() == 1 else flat.clone()
+
+
+def _odd_label(node, rng: random.Random):
+    """other_info [backdoor_label, original_label] with one label outside the classes."""
+    labels = list(node)
+    labels[rng.randrange(2)] = rng.choice([-1, 10, 11, 255, 2**31, np.int64(-5), np.uint8(200)])
+    return labels
+
+
 def mutate_object(rec, rng: random.Random) -> tuple[str, object]:
-    """One structural mutation of the unpickled record: (kind, new record)."""
+    """One structural mutation of the unpickled record: (kind, new record). Half keep the
+    structure and change only layouts or label values."""
     paths = list(_paths(rec))
+    if rng.random() < 0.5:
+        return _mutate_keeping_structure(rec, paths, rng)
     kind = rng.choice(["delete", "extra", "type", "array", "number", "string"])
     leaves = {
         "array": [p for p in paths if isinstance(_get(rec, p), (np.ndarray, torch.Tensor))],
@@ -203,6 +238,18 @@ def mutate_object(rec, rng: random.Random) -> tuple[str, object]:
     def add(node):
         return {**node, key: _odd_value(rng)}
     return kind, add(rec) if where == () else _replace(rec, where, add)
+
+
+def _mutate_keeping_structure(rec, paths, rng: random.Random) -> tuple[str, object]:
+    arrays = [p for p in paths if isinstance(_get(rec, p), (np.ndarray, torch.Tensor))]
+    labels = [p for p in paths if p[-1] == "other_info" or (
+        len(p) > 1 and isinstance(_get(rec, p[:-1]), tuple) and p[-1] in (1, 2))]
+    if labels and rng.random() < 0.3:
+        path = rng.choice(labels)
+        if path[-1] == "other_info":
+            return "label_value", _replace(rec, path, lambda node: _odd_label(node, rng))
+        return "label_value", _replace(rec, path, lambda node: _odd_label([node, 0], rng)[0])
+    return "layout", _replace(rec, rng.choice(arrays), lambda node: _odd_layout(node, rng))
 
 
 def _get(obj, path):
