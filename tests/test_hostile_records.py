@@ -364,8 +364,8 @@ def test_pickle_protocols_of_valid_records_load(tmp_path, protocol, legacy):
     ("--eval_batch_size", "-7", "--eval_batch_size must be >= 0"),
     ("--clip_norm", "-1", "--clip_norm must be >= 0"),
     ("--unlearning_milestones", "-3", "--unlearning_milestones must be >= 0"),
-    ("--tag", "t" * 300, "--tag must be at most 64"),
-    ("--tag", "../x", "--tag must be at most 64"),
+    ("--tag", "t" * 300, "--tag must be letters, digits, . + - _ (at most 64)"),
+    ("--tag", "../x", "--tag must be letters, digits, . + - _ (at most 64)"),
     ("--result_file", "r" * 300, "--result_file must be a record folder name"),
     ("--result_file", "../r", "--result_file must be a record folder name"),
 ], ids=lambda v: v if len(v) < 20 else v[:5])

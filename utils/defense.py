@@ -110,7 +110,7 @@ class DefenseRun:
                 f"{cfg.record_dir}/, at most 255 bytes a name, without '..', got "
                 f"{shown(cfg.result_file, 80)}")
         require(re.fullmatch(r"[A-Za-z0-9_.+-]{0,64}", cfg.tag) is not None,
-                f"--tag must be at most 64 letters, digits, . + - _, got {shown(cfg.tag, 80)}")
+                f"--tag must be letters, digits, . + - _ (at most 64), got {shown(cfg.tag, 80)}")
         self.cfg, self.method = cfg, f"{method}_{cfg.tag}" if cfg.tag else method
         self.start = time.perf_counter()
         self.times: dict[str, float] = {}

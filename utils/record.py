@@ -206,12 +206,11 @@ def backdoor_set(state: dict, clean: ImageSet, record_folder,
                  num_classes: int | None = None) -> ImageSet:
     """A BackdoorBench dataset state as an ImageSet, in original_index_array order: poisoned items
     come from the record's container, the others from `clean` at the same index. Labels must be
-    below num_classes (default: the clean data's label range)."""
+    below num_classes (a defense passes the record's; without it, any int32 label is read)."""
     folder = Path(record_folder)
     n_clean, channels, height, width = clean.images.shape
     order, flags = poisoned_order(state, n_clean, folder)
-    if num_classes is None:
-        num_classes = int(clean.labels.max()) + 1 if len(clean.labels) else 1
+    num_classes = 2**31 if num_classes is None else num_classes
     if channels not in (1, 3):
         raise UserError(f"clean images have {channels} channels; records need 1 or 3")
     mode = "L" if channels == 1 else "RGB"
