@@ -7,9 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.core.cli import main_guard  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS, "patch_size": Option(3, "side of the white square, in pixels")}
 

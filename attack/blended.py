@@ -22,12 +22,12 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.data import convert_channels  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.triggers import blend, to_uint8  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import blend, to_uint8  # noqa: E402
+from utils.core.cli import main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.data.images import convert_channels  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS,
            "alpha": Option(0.2, "blend weight of the pattern"),

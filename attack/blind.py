@@ -44,11 +44,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import find_classifier  # noqa: E402
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.controlled import fit_epochs  # noqa: E402
-from utils.triggers import normalize  # noqa: E402
+from utils.attacks.controlled import fit_epochs  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import normalize  # noqa: E402
+from utils.core.cli import main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
 
 OPTIONS = {
     **ATTACK_OPTIONS,

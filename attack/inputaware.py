@@ -20,7 +20,7 @@ BatchNorm); the triggered image is x + m(x) (G(x) - x), with m(x) = M's output s
 The trigger depends on the trained generators (Attack.dynamic), so the test set is re-poisoned at
 every evaluation and bd_test holds every non-target test image with its final trigger. The record's
 bd_train holds a pratio share of non-target training images with the trigger and the target label;
-they are made before training, i.e. with the untrained generators, until utils/attack.py re-poisons
+they are made before training, i.e. with the untrained generators, until utils/attacks/run.py re-poisons
 bd_train after training for dynamic attacks.
 
 Differs from the paper / BackdoorBench: smaller generators (CPU-sized) without BatchNorm (with it,
@@ -40,11 +40,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.controlled import Stepped, apply_in_chunks, fit_epochs, share, to_unit  # noqa: E402
-from utils.triggers import normalize  # noqa: E402
+from utils.attacks.controlled import Stepped, apply_in_chunks, fit_epochs, share, to_unit  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import normalize  # noqa: E402
+from utils.core.cli import main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
 
 log = logging.getLogger("backdoor")
 

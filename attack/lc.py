@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attack import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import log, main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.data import ImageSet  # noqa: E402
-from utils.train import accuracy, predict  # noqa: E402
-from utils.triggers import normalize, to_uint8  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import normalize, to_uint8  # noqa: E402
+from utils.core.cli import log, main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.data.images import ImageSet  # noqa: E402
+from utils.training.train import accuracy, predict  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS, **CLEAN_MODEL_OPTIONS,
            "pgd_eps": Option(8.0, "L_inf bound of the PGD perturbation, pixel units (0..255)"),

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.triggers import add_signal  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import add_signal  # noqa: E402
+from utils.core.cli import main_guard  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS,
            "delta": Option(40.0, "amplitude of the sinusoid, in pixel units (0..255)"),

@@ -2,7 +2,7 @@
 
 A steganographic encoder hides one fixed secret bit string (drawn from --seed) in each poisoned
 image as a bounded, image-dependent residual: every poisoned image carries its own invisible
-trigger. The encoder-decoder (utils/stega.py) is trained here on clean training images before the
+trigger. The encoder-decoder (utils/attacks/stega.py) is trained here on clean training images before the
 victim, with a bit-recovery loss and an image-fidelity loss; its bit accuracy and PSNR on clean
 test images go into attack_summary.json.
 
@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.attack import ATTACK_OPTIONS, Attack, AttackContext, run_attack  # noqa: E402
-from utils.cli import log, main_guard, progress, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.io import torch_save  # noqa: E402
-from utils.record import safe_load  # noqa: E402
-from utils.stega import Stega, embed, embedding_quality, secret_bits, train_stega  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, AttackContext, run_attack  # noqa: E402
+from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega  # noqa: E402
+from utils.core.cli import log, main_guard, progress, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.core.io import torch_save  # noqa: E402
+from utils.data.record import safe_load  # noqa: E402
 
 OPTIONS = {
     **ATTACK_OPTIONS,

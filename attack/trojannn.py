@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import find_classifier  # noqa: E402
-from utils.attack import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import log, main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.train import accuracy, predict  # noqa: E402
-from utils.triggers import blend, normalize  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.triggers import blend, normalize  # noqa: E402
+from utils.core.cli import log, main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.training.train import accuracy, predict  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS, **CLEAN_MODEL_OPTIONS,
            "mask_fraction": Option(0.25, "side of the square trigger region, as a share of the "

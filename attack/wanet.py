@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.attack import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
-from utils.cli import main_guard, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.controlled import fit_epochs, share, sub_generator, unit_to_uint8  # noqa: E402
+from utils.attacks.controlled import fit_epochs, share, sub_generator, unit_to_uint8  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.core.cli import main_guard, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
 
 OPTIONS = {
     **ATTACK_OPTIONS,

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 
 from defense.ulrl import main as ulrl_main  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.cli import log, setup_console_logging  # noqa: E402
-from utils.data import ImageSet  # noqa: E402
-from utils.datasets import DatasetSpec, get_dataset, register_dataset  # noqa: E402
-from utils.record import save_attack_record  # noqa: E402
+from utils.core.cli import log, setup_console_logging  # noqa: E402
+from utils.data.datasets import DatasetSpec, get_dataset, register_dataset  # noqa: E402
+from utils.data.images import ImageSet  # noqa: E402
+from utils.data.record import save_attack_record  # noqa: E402
 
 PHASES = ("load", "evaluation_before", "unlearning", "scoring", "relearning", "evaluation_after")
 

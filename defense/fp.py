@@ -21,7 +21,7 @@ feature map that clean data activate least, then fine-tune.
    channel always stays. summary.json records the rule, the bound, the accuracy after every step,
    the chosen count and the pruned channel list (with --curve_samples N also C-ACC / ASR / RA of
    every step on N test images, for plots only: they play no part in the choice).
-5. Fine-tune every weight (utils/finetune.py: SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, batch 256,
+5. Fine-tune every weight (utils/defenses/finetune.py: SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, batch 256,
    100 epochs, BackdoorBench's and the paper's settings); the pruned columns are set back to zero
    after every step, so they are exactly zero in the saved model.
 
@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils.cli import log, main_guard  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.train import accuracy, eval_batch_size, predict  # noqa: E402
+from utils.core.cli import log, main_guard  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.training.train import accuracy, eval_batch_size, predict  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.cli import main_guard  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
+from utils.core.cli import main_guard  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,

@@ -40,12 +40,12 @@ import torch  # noqa: E402
 
 from defense.ulrl import OPTIONS as ULRL_OPTIONS  # noqa: E402
 from defense.ulrl import unlearn  # noqa: E402
-from utils.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
+from utils.core.cli import main_guard, progress  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, rounded  # noqa: E402
-from utils.cli import main_guard, progress  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.train import cross_entropy, train_epoch  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.training.train import cross_entropy, train_epoch  # noqa: E402
 
 # the options `defense.ulrl.unlearn` reads, with ULRL's defaults (= the public RNP code's)
 UNLEARNING_KEYS = ("unlearning_lr", "unlearning_epochs", "clean_threshold", "stop_rule",

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.cli import log, main_guard, progress, require  # noqa: E402
-from utils.config import Option, parse_config  # noqa: E402
-from utils.defense import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.train import Batches, accuracy, cross_entropy, train_epoch  # noqa: E402
+from utils.core.cli import log, main_guard, progress, require  # noqa: E402
+from utils.core.config import Option, parse_config  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.training.train import Batches, accuracy, cross_entropy, train_epoch  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,

@@ -16,11 +16,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from utils.errors import UserError, shown
-from utils.record import strip_module_prefix
+from utils.core.errors import UserError, shown
 
 __all__ = ["register_model", "model_names", "build_model", "find_classifier", "input_channels",
-           "load_weights"]
+           "load_weights", "strip_module_prefix"]
 
 Builder = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -103,6 +102,17 @@ def find_classifier(model: nn.Module, num_classes: int, name: str | None = None
 
 
 # ---------------------------------------------------------------- state dicts
+
+def strip_module_prefix(state_dict) -> dict:
+    """Drop the 'module.' prefixes that DataParallel (possibly nested) adds to every key."""
+    out = {}
+    for key, value in state_dict.items():
+        key = str(key)
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
 
 def input_channels(state_dict) -> int:
     """Input channel count a model expects: in_channels of its first 4-D floating-point weight."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ULRL's ablations (paper Sec. V, Appendices C-E, RQ3): each variant is ULRL with one setting
 # changed, written to defense/ulrl_<variant>/ and run through sh/sweep.sh (resumable, one job per
-# GPU, --dry-run), then one table of the study's variants (utils/report.py) per model.
+# GPU, --dry-run), then one table of the study's variants (utils/analysis/report.py) per model.
 #
 #   bash sh/ablation_ulrl.sh STUDY [SWEEP OPTIONS] [NAME_OR_GLOB...] [-- EXTRA ULRL ARGS]
 #   bash sh/ablation_ulrl.sh dispersion 'badnet_*'

@@ -18,10 +18,10 @@
 # config/defense/<method>/<dataset>_<model>.yaml, else <dataset>.yaml, else default.yaml, unless
 # --yaml_path is among the extra arguments; dataset and model come from the record's
 # attack_summary.json, else from its attack_result.pt, and must be registered names (a record is
-# untrusted: utils/sweep_tools.py). A pair is done when its summary.json is a result this user's
+# untrusted: utils/analysis/sweep_tools.py). A pair is done when its summary.json is a result this user's
 # runs sealed (a record can ship files of its own). A pair's output is kept in
 # <record_dir>/<record>/defense/<method>_run.txt (never written through a link) and one result line
-# is printed (utils/report.py). Exit code 1 if a pair failed or a pattern matched no record.
+# is printed (utils/analysis/report.py). Exit code 1 if a pair failed or a pattern matched no record.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -19,7 +19,7 @@ def small_badnet_record(tmp_path_factory):
     """A small BadNets record on Fashion-MNIST with the small CNN (about 15 s on 2 cores):
     10,000 training images, 4 epochs at lr 0.05: C-ACC ~81 %, ASR ~99 % on a 2,000-image test
     subset. Returns (record_dir, record_name). Skips when Fashion-MNIST is not installed."""
-    from utils.datasets import find_dataset_folder
+    from utils.data.datasets import find_dataset_folder
     try:
         find_dataset_folder("fashion_mnist", ROOT / "data")
     except Exception:

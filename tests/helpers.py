@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models import build_model
-from utils.data import ImageSet
-from utils.datasets import find_dataset_folder
-from utils.record import save_attack_record
+from utils.data.datasets import find_dataset_folder
+from utils.data.images import ImageSet
+from utils.data.record import save_attack_record
 from tests.test_datasets import idx_bytes
 
 

@@ -81,8 +81,8 @@ def peak_rss_mib() -> float:
 
 
 def main(root: str) -> None:
-    from utils.errors import UserError
-    from utils.record import load_attack_record
+    from utils.core.errors import UserError
+    from utils.data.record import load_attack_record
     for name, make in HOSTILE_FILES.items():
         folder = Path(root) / name
         size = make(folder).stat().st_size

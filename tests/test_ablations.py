@@ -9,9 +9,9 @@ from torch import nn
 
 from defense.ulrl import PENALTIES, main, random_neurons, relearn, score_neurons, unlearn
 from tests.helpers import tiny_record
-from utils.errors import UserError
-from utils.data import ImageSet, Preprocess
-from utils.train import Batches
+from utils.core.errors import UserError
+from utils.data.images import ImageSet, Preprocess
+from utils.training.train import Batches
 
 # One extreme outlier (9) and a moderate one (8): MAD flags both; IQR, wider here, misses the
 # moderate one and SD, inflated by the extreme one, misses both (Appendix C's observations).

@@ -14,10 +14,10 @@ from PIL import Image
 
 from attack import blended, lc, lf, sig, trojannn
 from models import build_model
-from utils.data import Preprocess, convert_channels
-from utils.datasets import find_dataset_folder, load_clean_dataset
-from utils.errors import UserError
-from utils.record import backdoor_set, load_attack_record
+from utils.core.errors import UserError
+from utils.data.datasets import find_dataset_folder, load_clean_dataset
+from utils.data.images import Preprocess, convert_channels
+from utils.data.record import backdoor_set, load_attack_record
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (1, 64, 64), (3, 64, 64)]
 TARGET = 0

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from attack import semantic, ssba
-from utils.attack import AttackContext
-from utils.config import parse_config
-from utils.data import ImageSet
+from utils.attacks.run import AttackContext
+from utils.core.config import parse_config
+from utils.data.images import ImageSet
 from tests.helpers import needs_fashion_mnist
-from utils.datasets import get_dataset, load_clean_dataset
-from utils.errors import UserError
-from utils.record import backdoor_set, load_attack_record, safe_load
-from utils.stega import Stega, embed, embedding_quality, secret_bits, train_stega
+from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega
+from utils.core.errors import UserError
+from utils.data.datasets import get_dataset, load_clean_dataset
+from utils.data.record import backdoor_set, load_attack_record, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 28), (3, 32), (3, 64)]

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from attack import blind, bpp, inputaware, wanet
 from models import build_model
 from tests.helpers import have_fashion_mnist
-from utils.config import parse_config
-from utils.controlled import apply_in_chunks
-from utils.data import Preprocess
-from utils.datasets import get_dataset, load_clean_dataset
-from utils.errors import UserError
-from utils.record import backdoor_set, load_attack_record
+from utils.attacks.controlled import apply_in_chunks
+from utils.core.config import parse_config
+from utils.core.errors import UserError
+from utils.data.datasets import get_dataset, load_clean_dataset
+from utils.data.images import Preprocess
+from utils.data.record import backdoor_set, load_attack_record
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (3, 64, 64)]
 

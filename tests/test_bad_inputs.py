@@ -35,16 +35,16 @@ import torch
 
 import attack.badnet as badnet
 import defense.ulrl as ulrl
-import utils.datasets as datasets
 from models import build_model
+import utils.data.datasets as datasets
 from tests.helpers import tiny_record
 from tests.helpers import write_fashion_mnist
-from utils.cli import main_guard
-from utils.config import Option, parse_config
-from utils.data import ImageSet
-from utils.errors import UserError
-from utils.io import torch_save
-from utils.record import RECORD_FILE, save_attack_record
+from utils.core.cli import main_guard
+from utils.core.config import Option, parse_config
+from utils.core.errors import UserError
+from utils.core.io import torch_save
+from utils.data.images import ImageSet
+from utils.data.record import RECORD_FILE, save_attack_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("defense_result.pt", "summary.json")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from defense.ulrl import OPTIONS
-from utils.config import Option, parse_config
-from utils.errors import UserError
+from utils.core.config import Option, parse_config
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

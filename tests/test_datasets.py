@@ -1,4 +1,4 @@
-"""utils.datasets: each loader on a tiny fake copy of its on-disk layout, plus the error paths."""
+"""utils.data.datasets: each loader on a tiny fake copy of its on-disk layout, plus the error paths."""
 from __future__ import annotations
 
 import csv
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-import utils.datasets as datasets
-from utils.datasets import (dataset_names, find_dataset_folder, get_dataset, load_clean_dataset,
+from utils.core.errors import UserError
+import utils.data.datasets as datasets
+from utils.data.datasets import (dataset_names, find_dataset_folder, get_dataset, load_clean_dataset,
                             register_dataset)
-from utils.errors import UserError
 
 RNG = np.random.default_rng(0)
 

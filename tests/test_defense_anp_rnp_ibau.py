@@ -10,10 +10,10 @@ from torch.nn import functional as F
 
 from defense import anp, ibau, rnp
 from models import build_model
-from utils.bn_mask import MaskedBatchNorm2d, channels_at_or_below, choose_threshold, \
+from utils.core.errors import UserError
+from utils.data.record import load_attack_record, load_defense_result
+from utils.defenses.bn_mask import MaskedBatchNorm2d, channels_at_or_below, choose_threshold, \
     clamp_masks, mask_batchnorms, prune_channels, set_perturbed
-from utils.errors import UserError
-from utils.record import load_attack_record, load_defense_result
 
 
 def conv_bn(channels=4):

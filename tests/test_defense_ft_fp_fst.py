@@ -9,8 +9,8 @@ import defense.fp as fp
 import defense.fst as fst
 import defense.ft as ft
 from models import build_model, find_classifier
-from utils.errors import UserError
-from utils.record import load_attack_record, load_defense_result
+from utils.core.errors import UserError
+from utils.data.record import load_attack_record, load_defense_result
 
 
 # ---------------------------------------------------------------- pure pieces

@@ -20,7 +20,7 @@ import torch
 from defense.ulrl import main as ulrl_main
 from tests.helpers import tiny_record
 from tests.helpers import write_fashion_mnist
-from utils.record import load_defense_result
+from utils.data.record import load_defense_result
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("flagged_neurons", "identification", "before", "after", "unlearning", "relearning",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import needs_fashion_mnist
-from utils.record import load_attack_record, load_defense_result
+from utils.data.record import load_attack_record, load_defense_result
 
 ROOT = Path(__file__).resolve().parents[1]
 ULRL_YAML = ROOT / "config/defense/ulrl/fashion_mnist.yaml"

@@ -1,5 +1,5 @@
-"""The fast tensor path (`utils.train.Batches`) against the plain per-sample DataLoader reference
-(`utils.loader.DataLoaderBatches`): same batches without augmentation, same augmentation
+"""The fast tensor path (`utils.training.train.Batches`) against the plain per-sample DataLoader reference
+(`utils.data.loader.DataLoaderBatches`): same batches without augmentation, same augmentation
 distribution (exact zero-padded crops, flip rate, all offsets) with it."""
 import math
 from collections import Counter
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.data import ImageSet, Preprocess
-from utils.loader import DataLoaderBatches
-from utils.train import Batches
+from utils.data.images import ImageSet, Preprocess
+from utils.data.loader import DataLoaderBatches
+from utils.training.train import Batches
 
 N = 300
 PATHS = {"tensor": Batches, "dataloader": DataLoaderBatches}

@@ -38,13 +38,13 @@ from PIL import Image
 
 from models import build_model
 from tests.helpers import write_fashion_mnist
-from utils.cli import log, setup_console_logging
-from utils.config import parse_config
-from utils.data import ImageSet
-from utils.datasets import load_clean_dataset
-from utils.defense import DEFENSE_OPTIONS, DefenseRun
-from utils.errors import UserError
-from utils.record import RECORD_FILE, save_attack_record
+from utils.core.cli import log, setup_console_logging
+from utils.core.config import parse_config
+from utils.core.errors import UserError
+from utils.data.datasets import load_clean_dataset
+from utils.data.images import ImageSet
+from utils.data.record import RECORD_FILE, save_attack_record
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun
 
 DEFAULT_CASES = 60
 CASE_LIMIT_S = 20  # a case is a hang past this (a normal case takes well under a second)

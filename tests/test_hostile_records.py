@@ -31,17 +31,17 @@ import torch
 from PIL import Image
 
 import defense.ulrl as ulrl
-import utils.defense
+import utils.defenses.run
 from tests.helpers import tiny_record
 from tests.hostile_helpers import HOSTILE_FILES, Call, image_with_state
 from tests.test_bad_inputs import (assert_no_result, data_root, edit_record, fails,  # noqa: F401
                                    record, smallcnn_state, ulrl_args)
 from tests.test_sweep import sh
-from utils.cli import main_guard
-from utils.data import ImageSet
-from utils.errors import UserError
-from utils.record import RECORD_FILE, load_attack_record, save_attack_record
-from utils.result_set import ResultSet, verify_summary
+from utils.core.cli import main_guard
+from utils.core.errors import UserError
+from utils.core.result_set import ResultSet, verify_summary
+from utils.data.images import ImageSet
+from utils.data.record import RECORD_FILE, load_attack_record, save_attack_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_interrupted_retune_keeps_the_previous_result(capsys, record, data_root,
     def terminated(run):
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(utils.defense, "retune_check", terminated)
+    monkeypatch.setattr(utils.defenses.run, "retune_check", terminated)
     assert fails(capsys, ulrl_args(record, data_root, "--seed", "1", *args), code=143) == \
         "interrupted"
     assert files_below(record / "defense/ulrl") == previous
@@ -166,7 +166,7 @@ def test_interrupted_retune_keeps_the_previous_result(capsys, record, data_root,
 
 def test_failed_rerun_keeps_the_previous_result(capsys, record, data_root, monkeypatch):
     previous = a_result(record, data_root)
-    monkeypatch.setattr(utils.defense, "write_plots", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(utils.defenses.run, "write_plots", lambda *a: (_ for _ in ()).throw(
         OSError(28, "No space left on device")))
     line = fails(capsys, ulrl_args(record, data_root, "--seed", "3"), code=1)
     assert "No space left" in line

@@ -10,7 +10,7 @@ from torch import nn
 import models
 from models import (build_model, find_classifier, input_channels, load_weights, model_names,
                     register_model)
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ALL = ["preactresnet18", "resnet18", "vgg19_bn", "vit_b_16", "smallcnn"]
 CLASSIFIER = {"preactresnet18": "linear", "resnet18": "fc", "vgg19_bn": "classifier.6",

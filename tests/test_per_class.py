@@ -5,8 +5,8 @@ import torch
 
 from models import build_model
 from tests.helpers import tiny_record, write_fashion_mnist
-from utils.per_class import main
-from utils.record import save_defense_result
+from utils.analysis.per_class import main
+from utils.data.record import save_defense_result
 
 
 def test_one_row_per_model_and_a_class_it_always_predicts(tmp_path, capsys):

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from utils.cli import log
-from utils.plots import main, write_plots
+from utils.analysis.plots import main, write_plots
+from utils.core.cli import log
 
 pytest.importorskip("matplotlib")
 

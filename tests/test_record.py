@@ -1,4 +1,4 @@
-"""utils.record: BackdoorBench records round-trip, load from anywhere, never run code on load."""
+"""utils.data.record: BackdoorBench records round-trip, load from anywhere, never run code on load."""
 import builtins
 import logging
 import os
@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import ImageSet
-from utils.errors import UserError
-from utils.io import torch_save
-from utils.record import (backdoor_set, dataset_state, load_attack_record, load_defense_result,
-                          safe_load, save_attack_record, save_defense_result, strip_module_prefix)
+from models import strip_module_prefix
+from utils.core.errors import UserError
+from utils.core.io import torch_save
+from utils.data.images import ImageSet
+from utils.data.record import (backdoor_set, dataset_state, load_attack_record, load_defense_result,
+                          safe_load, save_attack_record, save_defense_result)
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 N = 20

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from utils.report import der, main
+from utils.analysis.report import der, main
 
 
 def metrics(acc, asr, ra=0.0):

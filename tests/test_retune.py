@@ -9,11 +9,11 @@ from torch import nn
 
 from defense.ulrl import main
 from models import build_model
-from utils.data import ImageSet, Preprocess
-from utils.errors import UserError
-from utils.record import dataset_state, save_attack_record
-from utils.retune import RETUNE_OPTIONS, retune_check, retune_set
-from utils.train import Batches, backdoor_metrics, cross_entropy, train_epoch
+from utils.core.errors import UserError
+from utils.data.images import ImageSet, Preprocess
+from utils.data.record import dataset_state, save_attack_record
+from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
+from utils.training.train import Batches, backdoor_metrics, cross_entropy, train_epoch
 from tests.helpers import tiny_record
 
 

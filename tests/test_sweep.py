@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import tiny_record
-from utils.result_set import seal
+from utils.core.result_set import seal
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFENSES = sorted(p.stem for p in (ROOT / "defense").glob("*.py") if not p.stem.startswith("_"))

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.data import ImageSet
-from utils.datasets import DatasetSpec, register_dataset
-from utils.errors import UserError
+from utils.core.errors import UserError
+from utils.data.datasets import DatasetSpec, register_dataset
+from utils.data.images import ImageSet
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

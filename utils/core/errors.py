@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a single clear line (see `utils.cli.main_guard`),
+"""The one exception type that reaches the user as a single clear line (see `utils.core.cli.main_guard`),
 and how untrusted text is quoted in such a line."""
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError, shown
+from utils.core.errors import UserError, shown
 
 try:  # numpy 2.x; numpy 1.x only has the old spelling
     from numpy._core import multiarray as _np_multiarray

@@ -9,13 +9,13 @@ from typing import Callable
 
 import torch
 
-from utils.cli import progress
-from utils.train import cross_entropy, eval_batch_size, train_epoch
-from utils.triggers import to_uint8 as _pixels_to_uint8
+from utils.attacks.triggers import to_uint8 as _pixels_to_uint8
+from utils.core.cli import progress
+from utils.training.train import cross_entropy, eval_batch_size, train_epoch
 
 
 def to_unit(x: torch.Tensor, preprocess) -> torch.Tensor:
-    """Normalized batch -> [0, 1] pixel values (the inverse of utils.triggers.normalize)."""
+    """Normalized batch -> [0, 1] pixel values (the inverse of utils.attacks.triggers.normalize)."""
     return x * preprocess.std.to(x.device) + preprocess.mean.to(x.device)
 
 

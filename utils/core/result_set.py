@@ -26,7 +26,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from utils.errors import UserError, shown
+from utils.core.errors import UserError, shown
 
 SEAL_KEY = "result_seal"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -92,7 +92,7 @@ class Preprocess:
             x = self.augment(x, generator)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         x = x.sub_(mean).div_(std)
-        # channels_last matches the model's layout on CUDA (utils.train.to_device); CPU keeps NCHW
+        # channels_last matches the model's layout on CUDA (utils.training.train.to_device); CPU keeps NCHW
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

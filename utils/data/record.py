@@ -1,6 +1,6 @@
 """Read and write BackdoorBench attack records (`record/<name>/attack_result.pt`) safely.
 
-Records are loaded with the allowlisted unpickler of utils/unpickle.py; everything read from them
+Records are loaded with the allowlisted unpickler of utils/data/unpickle.py; everything read from them
 is then checked before use: types and shapes, index arrays within the clean data and without
 repeats, labels within the classes, finite weights and BatchNorm variances >= 0, poisoned images
 decoded as PNG only and size-checked before decoding. What we write is plain data (dicts, numpy
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import ImageSet
-from utils.cli import available_cores
-from utils.errors import UserError, shown
-from utils.io import torch_save
-from utils.unpickle import safe_load
+from models import strip_module_prefix
+from utils.core.cli import available_cores
+from utils.core.errors import UserError, shown
+from utils.core.io import torch_save
+from utils.data.images import ImageSet
+from utils.data.unpickle import safe_load
 
-__all__ = ["RECORD_FILE", "AttackRecord", "safe_load", "strip_module_prefix", "load_attack_record",
+__all__ = ["RECORD_FILE", "AttackRecord", "safe_load", "load_attack_record",
            "backdoor_set", "dataset_state", "save_attack_record", "save_defense_result",
            "load_defense_result"]
 
@@ -45,17 +46,6 @@ def _decode_threads(height: int, width: int) -> int:
     0.54 s vs 0.37 s). Encoding compresses, which is heavier, so it always uses the cores
     (9,000 28x28 PNGs: 7.2 s with 1 thread, 4.3 s with 2)."""
     return min(_CORES, 8) if height * width >= 64 * 64 else 1
-
-
-def strip_module_prefix(state_dict) -> dict:
-    """Drop the 'module.' prefixes that DataParallel (possibly nested) adds to every key."""
-    out = {}
-    for key, value in state_dict.items():
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    return out
 
 
 @dataclass

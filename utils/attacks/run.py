@@ -23,15 +23,15 @@ from typing import Callable
 import torch
 
 from models import build_model, load_weights
-from utils.cli import environment, log, log_file, progress, require, seed_everything, \
+from utils.core.cli import environment, log, log_file, progress, require, seed_everything, \
     set_threads, setup_console_logging
-from utils.config import Option
-from utils.data import ImageSet, Preprocess
-from utils.datasets import get_dataset, load_clean_dataset
-from utils.errors import UserError
-from utils.io import write_csv, write_json
-from utils.record import safe_load, save_attack_record
-from utils.train import Batches, backdoor_metrics, cross_entropy, eval_batch_size, \
+from utils.core.config import Option
+from utils.core.errors import UserError
+from utils.core.io import write_csv, write_json
+from utils.data.datasets import get_dataset, load_clean_dataset
+from utils.data.images import ImageSet, Preprocess
+from utils.data.record import safe_load, save_attack_record
+from utils.training.train import Batches, backdoor_metrics, cross_entropy, eval_batch_size, \
     resolve_device, to_device, train_epoch
 
 ATTACK_OPTIONS = {

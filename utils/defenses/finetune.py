@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from utils.cli import progress
-from utils.config import Option
-from utils.train import cross_entropy, train_epoch
+from utils.core.cli import progress
+from utils.core.config import Option
+from utils.training.train import cross_entropy, train_epoch
 
 # BackdoorBench's FT and FP settings (config/defense/{ft,fp}/*.yaml there); the appendix of the
 # ULRL paper uses batch 256 for every defense.

@@ -13,8 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils.data import ImageSet, Preprocess
-from utils.errors import UserError
+from models import build_model, input_channels, load_weights
+from utils.core.cli import require
+from utils.core.errors import UserError
+from utils.data.images import ImageSet, Preprocess
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -36,6 +38,18 @@ def to_device(model, device: torch.device):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def record_model(record, state_dict, spec, device) -> torch.nn.Module:
+    """The record's architecture with `state_dict` loaded (the record's own weights or a defended
+    model's), on `device`; the input channel count is read from the record's weights."""
+    channels = input_channels(record.state_dict)
+    require(channels in (1, 3), f"the record's first convolution takes {channels} input channels; "
+                                "images have 1 or 3: the record's weights are damaged")
+    model = build_model(record.model_name, record.num_classes, in_channels=channels,
+                        image_size=spec.image_size[0])
+    load_weights(model, state_dict)
+    return to_device(model, device)
 
 
 def autocast(device: torch.device, enabled: bool = True):

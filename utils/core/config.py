@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from utils.cli import DEBUG_FLAG
-from utils.errors import UserError, shown
+from utils.core.cli import DEBUG_FLAG
+from utils.core.errors import UserError, shown
 
 YAML_MAX_BYTES = 64 * 1024  # the shipped configs are under 1 KiB
 YAML_MAX_NODES = 10_000  # values after alias expansion: aliases can nest into billions

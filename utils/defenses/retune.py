@@ -4,7 +4,7 @@ purified models regain the backdoor after brief fine-tuning on a handful of pois
 retuning attack of Min et al., "Uncovering, Explaining, and Mitigating the Superficial Safety of
 Backdoor Defense", NeurIPS 2024), while a model whose backdoor is gone behaves like a clean one.
 
-Every defense has it (utils/defense.py builds the set while loading and runs the check in finish):
+Every defense has it (utils/defenses/run.py builds the set while loading and runs the check in finish):
 
     python defense/<method>.py --result_file R --retune_check [--retune_clean N] [--retune_poison_ratio P]
                                [--retune_epochs E] [--retune_lr LR]
@@ -26,16 +26,16 @@ import copy
 import numpy as np
 import torch
 
-from utils.cli import log, require
-from utils.config import Option
-from utils.data import ImageSet
-from utils.record import backdoor_set, poisoned_order
-from utils.train import Batches, cross_entropy, train_epoch
+from utils.core.cli import log, require
+from utils.core.config import Option
+from utils.data.images import ImageSet
+from utils.data.record import backdoor_set, poisoned_order
+from utils.training.train import Batches, cross_entropy, train_epoch
 
 RETUNE_OPTIONS = {
     "retune_check": Option(False, "after the defense, fine-tune a copy of the purified model on "
                                   "clean + poisoned training samples and report its ASR "
-                                  "(utils/retune.py)"),
+                                  "(utils/defenses/retune.py)"),
     "retune_clean": Option(0, "retuning check: clean images taken from the defense subset "
                               "(0: all of it)"),
     "retune_poison_ratio": Option(0.1, "retuning check: poisoned training images, as a share of "

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from utils.data import ImageSet
-from utils.errors import UserError, shown
+from utils.core.errors import UserError, shown
+from utils.data.images import ImageSet
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from utils.cli import log
-from utils.errors import UserError
-from utils.train import accuracy, eval_batch_size, predict
+from utils.core.cli import log
+from utils.core.errors import UserError
+from utils.training.train import accuracy, eval_batch_size, predict
 
 
 class MaskedBatchNorm2d(nn.Module):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.data import ImageSet
-from utils.datasets import DatasetSpec, read_images, register_dataset
-from utils.errors import UserError
+from utils.core.errors import UserError
+from utils.data.datasets import DatasetSpec, read_images, register_dataset
+from utils.data.images import ImageSet
 
 ROOT = "tiny-imagenet-200"
 SIZE = (64, 64, 3)

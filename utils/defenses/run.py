@@ -9,19 +9,20 @@ from pathlib import Path
 
 import torch
 
-from models import build_model, find_classifier, input_channels, load_weights
-from utils.cli import environment, log, log_file, peak_memory_mib, require, seed_everything, \
+from models import find_classifier, input_channels
+from utils.analysis.plots import write_plots
+from utils.core.cli import environment, log, log_file, peak_memory_mib, require, seed_everything, \
     set_threads, setup_console_logging
-from utils.config import Option
-from utils.data import Preprocess
-from utils.datasets import get_dataset, load_clean_dataset
-from utils.errors import UserError, shown
-from utils.io import write_csv, write_json, write_text
-from utils.plots import write_plots
-from utils.record import backdoor_set, load_attack_record, save_defense_result
-from utils.result_set import ResultSet, check_output_folder, seal
-from utils.retune import RETUNE_OPTIONS, retune_check, retune_set
-from utils.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, to_device
+from utils.core.config import Option
+from utils.core.errors import UserError, shown
+from utils.core.io import write_csv, write_json, write_text
+from utils.core.result_set import ResultSet, check_output_folder, seal
+from utils.data.datasets import get_dataset, load_clean_dataset
+from utils.data.images import Preprocess
+from utils.data.record import backdoor_set, load_attack_record, save_defense_result
+from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
+from utils.training.train import Batches, backdoor_metrics, eval_batch_size, record_model, \
+    resolve_device
 
 DEFENSE_OPTIONS = {
     "result_file": Option(None, "record folder name under --record_dir (required)", str),
@@ -84,18 +85,6 @@ def select_subset(n: int, cfg) -> list[int]:
     return random.Random(cfg.seed).sample(range(n), k)
 
 
-def record_model(record, state_dict, spec, device) -> torch.nn.Module:
-    """The record's architecture with `state_dict` loaded (the record's own weights or a defended
-    model's), on `device`; the input channel count is read from the record's weights."""
-    channels = input_channels(record.state_dict)
-    require(channels in (1, 3), f"the record's first convolution takes {channels} input channels; "
-                                "images have 1 or 3: the record's weights are damaged")
-    model = build_model(record.model_name, record.num_classes, in_channels=channels,
-                        image_size=spec.image_size[0])
-    load_weights(model, state_dict)
-    return to_device(model, device)
-
-
 class DefenseRun:
     """Loads a record and everything a defense needs; writes the defense's outputs."""
 
@@ -126,7 +115,7 @@ class DefenseRun:
 
     def __enter__(self):
         # Everything is written into a fresh stage folder, swapped into place when the run ends
-        # well (utils/result_set.py): a failed run leaves the previous result as it was.
+        # well (utils/core/result_set.py): a failed run leaves the previous result as it was.
         self._result = ResultSet(self.folder, self.method).__enter__()
         self.out = self._result.stage
         self._log = log_file(self.out / f"{self.method}.log")
@@ -197,7 +186,7 @@ class DefenseRun:
         """Shuffled, augmented mini-batches of the defense subset (same loader for every phase)."""
         cfg = self.cfg
         if cfg.loader == "dataloader":
-            from utils.loader import DataLoaderBatches
+            from utils.data.loader import DataLoaderBatches
             return DataLoaderBatches(self.defense_data, self.preprocess, cfg.batch_size,
                                      shuffle=True, augment=augment, seed=cfg.seed)
         return Batches(self.defense_data, self.preprocess, cfg.batch_size, shuffle=True,

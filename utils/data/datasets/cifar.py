@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.data import ImageSet
-from utils.datasets import DatasetSpec, first_missing, register_dataset
-from utils.errors import UserError
+from utils.core.errors import UserError
+from utils.data.datasets import DatasetSpec, first_missing, register_dataset
+from utils.data.images import ImageSet
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.errors import UserError
-from utils.io import publish
+from utils.core.errors import UserError
+from utils.core.io import publish
 
 log = logging.getLogger("backdoor")
 
 
-DEBUG_FLAG = "--debug"  # accepted by every entry point (utils.config.parse_config declares it)
+DEBUG_FLAG = "--debug"  # accepted by every entry point (utils.core.config.parse_config declares it)
 
 
 def one_line(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The plain per-sample DataLoader path (`--loader dataloader`): the reference `utils.train.Batches`
+"""The plain per-sample DataLoader path (`--loader dataloader`): the reference `utils.training.train.Batches`
 (the fast path) is checked against, built the way BackdoorBench and the public ULRL code build theirs.
 
 A map-style Dataset over CPU images transforms ONE image at a time with torchvision.transforms.v2
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from torchvision.transforms import v2
 
-from utils.data import ImageSet, Preprocess
+from utils.data.images import ImageSet, Preprocess
 
 
 class _PerSampleSet(Dataset):
@@ -55,7 +55,7 @@ class _PermutationSampler(Sampler):
 
 
 class DataLoaderBatches:
-    """Drop-in for `utils.train.Batches`: yields (inputs, labels, batch_indices) on the data's
+    """Drop-in for `utils.training.train.Batches`: yields (inputs, labels, batch_indices) on the data's
     device, built by a per-sample torch DataLoader."""
 
     def __init__(self, data: ImageSet, preprocess: Preprocess, batch_size: int, *, shuffle: bool,
