@@ -40,12 +40,12 @@ import torch  # noqa: E402
 
 from defense.ulrl import OPTIONS as ULRL_OPTIONS  # noqa: E402
 from defense.ulrl import unlearn  # noqa: E402
-from utils.core.cli import main_guard, progress  # noqa: E402
+from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, rounded  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.training.train import cross_entropy, train_epoch  # noqa: E402
+from utils.training.train import cross_entropy, fit  # noqa: E402
 
 # the options `defense.ulrl.unlearn` reads, with ULRL's defaults (= the public RNP code's)
 UNLEARNING_KEYS = ("unlearning_lr", "unlearning_epochs", "clean_threshold", "stop_rule",
@@ -84,10 +84,10 @@ def recover_masks(run: DefenseRun, unlearned, batches) -> dict:
     def loss_fn(logits, labels):
         return cfg.mask_loss_weight * cross_entropy(logits, labels)
 
-    with progress(cfg.recovering_epochs * len(batches), "recovering") as bar:
-        for epoch in range(cfg.recovering_epochs):
-            stats = train_epoch(masked, batches, optimizer, loss_fn, amp=cfg.amp, progress=bar)
-            run.log_epoch("recovering", epoch, stats, optimizer, masked)
+    fit(masked, batches, optimizer, cfg.recovering_epochs, loss_fn=loss_fn, amp=cfg.amp,
+        on_epoch=lambda epoch, stats, steps: run.log_epoch("recovering", epoch, stats, optimizer,
+                                                            masked),
+        desc="recovering")
     return mask_values(layers)
 
 

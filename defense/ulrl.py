@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.core.cli import log, main_guard, progress, require  # noqa: E402
+from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.training.train import Batches, accuracy, cross_entropy, train_epoch  # noqa: E402
+from utils.training.train import Batches, accuracy, cross_entropy, fit  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
@@ -85,30 +85,27 @@ def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
                                 momentum=cfg.unlearning_momentum,
                                 weight_decay=cfg.unlearning_weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
-    stop = None
+    step_stop = None
     if cfg.stop_rule == "step":
-        def stop(logits, labels):
+        def step_stop(logits, labels):
             return accuracy(logits.argmax(1), labels) <= cfg.clean_threshold
 
-    reached, epochs, steps = False, 0, 0
-    with progress(cfg.unlearning_epochs * len(batches), "unlearning") as bar:
-        for epoch in range(cfg.unlearning_epochs):
-            stats = train_epoch(model, batches, optimizer, cross_entropy, ascent=True,
-                                clip_norm=cfg.clip_norm, amp=cfg.amp, progress=bar, stop=stop)
-            steps += stats.pop("stopped_after", len(batches))
-            reached = stats.pop("stopped", False) or (
-                cfg.stop_rule == "epoch" and stats["train_acc"] <= cfg.clean_threshold)
-            run.log_epoch("unlearning", epoch, {**stats, "steps": steps}, optimizer, model)
-            epochs = epoch + 1
-            if reached:
-                break
-            scheduler.step()
+    def epoch_stop(stats):
+        return cfg.stop_rule == "epoch" and stats["train_acc"] <= cfg.clean_threshold
+
+    def on_epoch(epoch, stats, steps):
+        run.log_epoch("unlearning", epoch, {**stats, "steps": steps}, optimizer, model)
+
+    done = fit(model, batches, optimizer, cfg.unlearning_epochs, scheduler=scheduler, ascent=True,
+               clip_norm=cfg.clip_norm, amp=cfg.amp, step_stop=step_stop, epoch_stop=epoch_stop,
+               on_epoch=on_epoch, desc="unlearning")
+    reached, epochs, steps = done["stopped"], done["epochs"], done["steps"]
     if not reached:
         log.warning("unlearning never brought defense accuracy to <= %.2f in %d epochs (last "
                     "%.3f); scoring the weights as they are", cfg.clean_threshold, epochs,
-                    stats["train_acc"])
+                    done["train_acc"])
     return {"epochs": epochs, "steps": steps, "stop_rule": cfg.stop_rule,
-            "reached_threshold": reached, "final_train_acc": stats["train_acc"]}
+            "reached_threshold": reached, "final_train_acc": done["train_acc"]}
 
 
 def spread(scores: torch.Tensor, dispersion: str) -> tuple[torch.Tensor, str, torch.Tensor]:
@@ -205,12 +202,12 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
     def loss_fn(logits, labels):
         return cross_entropy(logits, labels) + cfg.alpha * penalty(linear.weight, neurons, w_ori)
 
-    with progress(cfg.relearn_epochs * len(batches), "relearning") as bar:
-        for epoch in range(cfg.relearn_epochs):
-            stats = train_epoch(model, batches, optimizer, loss_fn, amp=cfg.amp, progress=bar)
-            stats["cosine"] = cosine_penalty(linear.weight.detach(), neurons, w_ori).item()
-            run.log_epoch("relearning", epoch, stats, optimizer, model)
-            scheduler.step()
+    def on_epoch(epoch, stats, steps):
+        stats["cosine"] = cosine_penalty(linear.weight.detach(), neurons, w_ori).item()
+        run.log_epoch("relearning", epoch, stats, optimizer, model)
+
+    fit(model, batches, optimizer, cfg.relearn_epochs, loss_fn=loss_fn, scheduler=scheduler,
+        amp=cfg.amp, on_epoch=on_epoch, desc="relearning")
     return {"epochs": cfg.relearn_epochs, "regularizer": cfg.regularizer,
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 

@@ -10,8 +10,7 @@ from typing import Callable
 import torch
 
 from utils.attacks.triggers import to_uint8 as _pixels_to_uint8
-from utils.core.cli import progress
-from utils.training.train import cross_entropy, eval_batch_size, train_epoch
+from utils.training.train import cross_entropy, eval_batch_size, fit
 
 
 def to_unit(x: torch.Tensor, preprocess) -> torch.Tensor:
@@ -72,9 +71,6 @@ def fit_epochs(ctx, model, epochs: int, batches, *, loss_fn: Callable = cross_en
     (normalized x, y, index); optimizer/scheduler default to ctx.optimizer's SGD + cosine."""
     if optimizer is None:
         optimizer, scheduler = ctx.optimizer(model.parameters(), epochs)
-    with progress(epochs * len(batches), desc) as bar:
-        for epoch in range(epochs):
-            stats = train_epoch(model, batches, optimizer, loss_fn, amp=ctx.cfg.amp, progress=bar,
-                                transform=transform)
-            ctx.end_epoch(model, epoch, epochs, stats, optimizer)
-            scheduler.step()
+    fit(model, batches, optimizer, epochs, loss_fn=loss_fn, scheduler=scheduler, amp=ctx.cfg.amp,
+        transform=transform, desc=desc,
+        on_epoch=lambda epoch, stats, steps: ctx.end_epoch(model, epoch, epochs, stats, optimizer))

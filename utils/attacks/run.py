@@ -23,16 +23,16 @@ from typing import Callable
 import torch
 
 from models import build_model, load_weights
-from utils.core.cli import environment, log, log_file, progress, require, seed_everything, \
-    set_threads, setup_console_logging
+from utils.core.cli import environment, log, log_file, require, seed_everything, set_threads, \
+    setup_console_logging
 from utils.core.config import Option
 from utils.core.errors import UserError
 from utils.core.io import write_csv, write_json
 from utils.data.datasets import get_dataset, load_clean_dataset
 from utils.data.images import ImageSet, Preprocess
 from utils.data.record import safe_load, save_attack_record
-from utils.training.train import Batches, backdoor_metrics, cross_entropy, eval_batch_size, \
-    resolve_device, to_device, train_epoch
+from utils.training.train import Batches, backdoor_metrics, eval_batch_size, fit, resolve_device, \
+    to_device
 
 ATTACK_OPTIONS = {
     "dataset": Option("cifar10", "clean data set to poison"),
@@ -166,15 +166,13 @@ class AttackContext:
     def fit(self, model, data: ImageSet, epochs: int, transform: Callable | None = None,
             desc: str = "training", log_rows: bool = False) -> None:
         """The default loop: SGD with cosine schedule; per-epoch evaluation rows when log_rows."""
-        batches = self.batches(data)
         optimizer, scheduler = self.optimizer(model.parameters(), epochs)
-        with progress(epochs * len(batches), desc) as bar:
-            for epoch in range(epochs):
-                stats = train_epoch(model, batches, optimizer, cross_entropy, amp=self.cfg.amp,
-                                    progress=bar, transform=transform)
-                if log_rows:
-                    self.end_epoch(model, epoch, epochs, stats, optimizer)
-                scheduler.step()
+
+        def log_row(epoch, stats, steps):
+            self.end_epoch(model, epoch, epochs, stats, optimizer)
+
+        fit(model, self.batches(data), optimizer, epochs, scheduler=scheduler, amp=self.cfg.amp,
+            transform=transform, on_epoch=log_row if log_rows else None, desc=desc)
 
     def bd_test(self) -> ImageSet:
         """The backdoor test set: the attack's test selection (default: every test image not of the

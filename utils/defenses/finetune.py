@@ -10,9 +10,8 @@ from typing import Callable
 
 import torch
 
-from utils.core.cli import progress
 from utils.core.config import Option
-from utils.training.train import cross_entropy, train_epoch
+from utils.training.train import cross_entropy, fit
 
 # BackdoorBench's FT and FP settings (config/defense/{ft,fp}/*.yaml there); the appendix of the
 # ULRL paper uses batch 256 for every defense.
@@ -44,13 +43,13 @@ def finetune(run, model, batches, *, phase: str = "finetune",
     if penalty is not None:
         def loss_fn(logits, labels):
             return cross_entropy(logits, labels) + penalty()
-    stats = {}
-    with progress(cfg.epochs * len(batches), phase) as bar:
-        for epoch in range(cfg.epochs):
-            stats = train_epoch(model, batches, optimizer, loss_fn, amp=cfg.amp, progress=bar)
-            if epoch_stats is not None:
-                stats.update(epoch_stats())
-            run.log_epoch(phase, epoch, stats, optimizer, model)
-            scheduler.step()
-    return {"epochs": cfg.epochs, "final_loss": stats.get("loss"),
-            "final_train_acc": stats.get("train_acc")}
+
+    def on_epoch(epoch, stats, steps):
+        if epoch_stats is not None:
+            stats.update(epoch_stats())
+        run.log_epoch(phase, epoch, stats, optimizer, model)
+
+    done = fit(model, batches, optimizer, cfg.epochs, loss_fn=loss_fn, scheduler=scheduler,
+               amp=cfg.amp, on_epoch=on_epoch, desc=phase)
+    return {"epochs": cfg.epochs, "final_loss": done.get("loss"),
+            "final_train_acc": done.get("train_acc")}

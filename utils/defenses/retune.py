@@ -30,7 +30,7 @@ from utils.core.cli import log, require
 from utils.core.config import Option
 from utils.data.images import ImageSet
 from utils.data.record import backdoor_set, poisoned_order
-from utils.training.train import Batches, cross_entropy, train_epoch
+from utils.training.train import Batches, fit
 
 RETUNE_OPTIONS = {
     "retune_check": Option(False, "after the defense, fine-tune a copy of the purified model on "
@@ -84,8 +84,7 @@ def retune_check(run) -> dict:
     batches = Batches(data, run.preprocess, cfg.batch_size, shuffle=True, augment=True,
                       seed=cfg.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.retune_lr, momentum=0.9)
-    for _ in range(cfg.retune_epochs):
-        stats = train_epoch(model, batches, optimizer, cross_entropy, amp=cfg.amp)
+    done = fit(model, batches, optimizer, cfg.retune_epochs, amp=cfg.amp)
     metrics = run.evaluate(model)
     n_poison = int(data.poisoned.sum())
     log.info("retuning check (%d clean + %d poisoned images, %d epochs, lr %g): C-ACC %.2f%%, "
@@ -93,4 +92,4 @@ def retune_check(run) -> dict:
              100 * metrics["test_acc"], 100 * metrics["test_asr"])
     return {**metrics, "clean_samples": len(data) - n_poison, "poisoned_samples": n_poison,
             "epochs": cfg.retune_epochs, "lr": cfg.retune_lr,
-            "final_train_acc": stats["train_acc"]}
+            "final_train_acc": done["train_acc"]}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, input_channels, load_weights
-from utils.core.cli import require
+from utils.core.cli import progress, require
 from utils.core.errors import UserError
 from utils.data.images import ImageSet, Preprocess
 
@@ -120,6 +120,40 @@ def train_epoch(model, batches: Batches, optimizer, loss_fn: Callable, *, ascent
         if progress is not None:
             progress.update(1)
     return {"loss": total_loss.item() / seen, "train_acc": correct.item() / seen}
+
+
+def fit(model, batches, optimizer, epochs: int, *, loss_fn: Callable | None = None,
+        scheduler=None, ascent: bool = False, clip_norm: float | None = None, amp: bool = True,
+        transform: Callable | None = None, step_stop: Callable | None = None,
+        epoch_stop: Callable[[dict], bool] | None = None,
+        on_epoch: Callable[[int, dict, int], None] | None = None, desc: str | None = None) -> dict:
+    """The training loop of every phase of every attack and defense: up to `epochs` passes of
+    `train_epoch` (loss_fn defaults to cross-entropy; ascent, clip_norm, amp and transform are
+    passed on). After each epoch `on_epoch(epoch, stats, steps)` sees the epoch's stats (it may add
+    columns, e.g. to log them) and the optimizer steps taken so far; then the scheduler steps.
+
+    Two stop rules end training early, without that scheduler step: `step_stop(logits, labels)`,
+    asked before every step (True ends the epoch without taking it), and `epoch_stop(stats)`, asked
+    after every epoch. `desc` names a progress bar (none without it). Returns the epochs run, the
+    steps taken, whether a stop rule ended training, and the last epoch's stats."""
+    loss_fn = cross_entropy if loss_fn is None else loss_fn
+    stats, steps, stopped, epochs_run = {}, 0, False, 0
+    bar = progress(epochs * len(batches), desc) if desc else contextlib.nullcontext()
+    with bar:
+        for epoch in range(epochs):
+            stats = train_epoch(model, batches, optimizer, loss_fn, ascent=ascent,
+                                clip_norm=clip_norm, amp=amp, progress=bar if desc else None,
+                                transform=transform, stop=step_stop)
+            steps += stats.pop("stopped_after", len(batches))
+            stopped = stats.pop("stopped", False) or (epoch_stop is not None and epoch_stop(stats))
+            if on_epoch is not None:
+                on_epoch(epoch, stats, steps)
+            epochs_run = epoch + 1
+            if stopped:
+                break
+            if scheduler is not None:
+                scheduler.step()
+    return {"epochs": epochs_run, "steps": steps, "stopped": stopped, **stats}
 
 
 def cross_entropy(logits, labels):
