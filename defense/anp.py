@@ -45,7 +45,7 @@ from utils.core.cli import main_guard, progress  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, noise_parameters, rounded, set_perturbed  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 from utils.training.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
@@ -129,17 +129,20 @@ def optimize_masks(run: DefenseRun) -> dict:
 
 
 
+def purify(run: DefenseRun) -> dict:
+    """Optimize the masks under adversarial neuron perturbation, prune the original model."""
+    cfg = run.cfg
+    masks = run.timed("mask_optimization", optimize_masks, run)
+    pruning = run.timed("pruning", choose_threshold, run.model, run.original_state(), masks,
+                        cfg.thresholds, functools.partial(defense_accuracy, run), cfg.acc_drop,
+                        cfg.zero_beta)
+    return {"mask_optimization": {"iterations": cfg.iterations}, "pruning": pruning,
+            "masks": rounded(masks)}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ANP backdoor removal on a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "anp") as run:
-        before = run.timed("evaluation_before", run.evaluate)
-        masks = run.timed("mask_optimization", optimize_masks, run)
-        pruning = run.timed("pruning", choose_threshold, run.model, run.original_state(), masks,
-                            cfg.thresholds, functools.partial(defense_accuracy, run),
-                            cfg.acc_drop, cfg.zero_beta)
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {"mask_optimization": {"iterations": cfg.iterations},
-                                   "pruning": pruning, "masks": rounded(masks)})
+    return run_defense(cfg, "anp", purify)
 
 
 if __name__ == "__main__":

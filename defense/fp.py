@@ -47,7 +47,7 @@ from utils.core.cli import log, main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.core.errors import UserError  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 from utils.training.train import accuracy, eval_batch_size, predict  # noqa: E402
 
 OPTIONS = {
@@ -155,66 +155,70 @@ def choose_pruning(order: torch.Tensor, step: int, bound: float, acc_after) -> t
 
 
 
+def purify(run: DefenseRun) -> dict:
+    """Prune the least active channels of the last feature map within the accuracy rule, then
+    fine-tune with the pruned weights held at zero."""
+    cfg = run.cfg
+    model, data = run.model, run.defense_data
+    example = run.preprocess(data.images[:2])
+    feature_name, (channels, height, width), reader_name, reader = find_feature_map(
+        model, run.linear, example)
+    batch = eval_batch_size(cfg.eval_batch_size, run.device)
+    activation, unpruned_acc = run.timed(
+        "activation", channel_activation, model, model.get_submodule(feature_name), data,
+        run.preprocess, batch, cfg.amp)
+    order = torch.argsort(activation.cpu(), stable=True)  # least active first
+    bound = accuracy_bound(cfg, unpruned_acc)
+    w_reader = reader.weight.detach().clone()
+
+    def prune(k: int) -> torch.Tensor:
+        mask = column_mask(order[:k], channels, height * width, w_reader)
+        with torch.no_grad():
+            reader.weight.copy_(w_reader * mask)
+        return mask
+
+    curve_metrics = {}  # with --curve_samples: test metrics per step, logged, never used
+
+    def acc_after(k: int) -> float:
+        prune(k)
+        if cfg.curve_samples > 0:
+            curve_metrics[k] = run.evaluate(model, run.curve_sets)
+        return accuracy(predict(model, data, run.preprocess, batch, cfg.amp), data.labels)
+
+    step = max(1, math.ceil(channels * cfg.prune_step))
+    chosen, curve = run.timed("pruning", choose_pruning, order, step, bound, acc_after)
+    mask = prune(chosen)
+    pruned = order[:chosen].tolist()
+    log.info("feature map '%s' %s read by '%s': pruned %d of %d channels (defense accuracy "
+             "%.4f unpruned, bound %.4f by the %s rule, %.4f at the chosen count)",
+             feature_name, (channels, height, width), reader_name, chosen, channels,
+             unpruned_acc, bound, cfg.prune_rule, dict(curve).get(chosen, unpruned_acc))
+    if chosen == 0:
+        log.warning("no channel could be pruned within the %s rule: FP is plain fine-tuning "
+                    "here", cfg.prune_rule)
+
+    def keep_pruned():
+        with torch.no_grad():
+            reader.weight.mul_(mask)
+
+    finetuning = run.timed("finetune", lambda: finetune(run, model, run.batches(),
+                                                        after_step=keep_pruned))
+    return {
+        "pruning": {"feature_map": feature_name, "shape": [channels, height, width],
+                    "reader": reader_name, "rule": cfg.prune_rule, "bound": bound,
+                    "unpruned_defense_acc": unpruned_acc, "step": step,
+                    "curve": [{"pruned": k, "defense_acc": a,
+                               **{f"curve_{m}": v for m, v in curve_metrics.get(k, {}).items()}}
+                              for k, a in curve],
+                    "num_pruned": chosen, "num_channels": channels,
+                    "pruned_channels": pruned,
+                    "activation": [round(a, 6) for a in activation.tolist()]},
+        "finetune": finetuning}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FP: fine-pruning of a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "fp") as run:
-        model, data = run.model, run.defense_data
-        before = run.timed("evaluation_before", run.evaluate)
-        example = run.preprocess(data.images[:2])
-        feature_name, (channels, height, width), reader_name, reader = find_feature_map(
-            model, run.linear, example)
-        batch = eval_batch_size(cfg.eval_batch_size, run.device)
-        activation, unpruned_acc = run.timed(
-            "activation", channel_activation, model, model.get_submodule(feature_name), data,
-            run.preprocess, batch, cfg.amp)
-        order = torch.argsort(activation.cpu(), stable=True)  # least active first
-        bound = accuracy_bound(cfg, unpruned_acc)
-        w_reader = reader.weight.detach().clone()
-
-        def prune(k: int) -> torch.Tensor:
-            mask = column_mask(order[:k], channels, height * width, w_reader)
-            with torch.no_grad():
-                reader.weight.copy_(w_reader * mask)
-            return mask
-
-        curve_metrics = {}  # with --curve_samples: test metrics per step, logged, never used
-
-        def acc_after(k: int) -> float:
-            prune(k)
-            if cfg.curve_samples > 0:
-                curve_metrics[k] = run.evaluate(model, run.curve_sets)
-            return accuracy(predict(model, data, run.preprocess, batch, cfg.amp), data.labels)
-
-        step = max(1, math.ceil(channels * cfg.prune_step))
-        chosen, curve = run.timed("pruning", choose_pruning, order, step, bound, acc_after)
-        mask = prune(chosen)
-        pruned = order[:chosen].tolist()
-        log.info("feature map '%s' %s read by '%s': pruned %d of %d channels (defense accuracy "
-                 "%.4f unpruned, bound %.4f by the %s rule, %.4f at the chosen count)",
-                 feature_name, (channels, height, width), reader_name, chosen, channels,
-                 unpruned_acc, bound, cfg.prune_rule, dict(curve).get(chosen, unpruned_acc))
-        if chosen == 0:
-            log.warning("no channel could be pruned within the %s rule: FP is plain fine-tuning "
-                        "here", cfg.prune_rule)
-
-        def keep_pruned():
-            with torch.no_grad():
-                reader.weight.mul_(mask)
-
-        finetuning = run.timed("finetune", lambda: finetune(run, model, run.batches(),
-                                                            after_step=keep_pruned))
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {
-            "pruning": {"feature_map": feature_name, "shape": [channels, height, width],
-                        "reader": reader_name, "rule": cfg.prune_rule, "bound": bound,
-                        "unpruned_defense_acc": unpruned_acc, "step": step,
-                        "curve": [{"pruned": k, "defense_acc": a,
-                                   **{f"curve_{m}": v for m, v in curve_metrics.get(k, {}).items()}}
-                                  for k, a in curve],
-                        "num_pruned": chosen, "num_channels": channels,
-                        "pruned_channels": pruned,
-                        "activation": [round(a, 6) for a in activation.tolist()]},
-            "finetune": finetuning})
+    return run_defense(cfg, "fp", purify)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,
@@ -56,31 +56,33 @@ def project_to_norm(weight: torch.Tensor, norm: torch.Tensor) -> None:
         weight.mul_(norm / weight.norm())
 
 
+def purify(run: DefenseRun) -> dict:
+    """Reinitialize the head, then fine-tune with the inner-product penalty against the original
+    head and the head held at its original norm."""
+    cfg = run.cfg
+    model, linear = run.model, run.linear
+    w_ori = linear.weight.detach().clone()
+    norm_ori = w_ori.norm()
+    reinitialize_head(linear, torch.Generator().manual_seed(cfg.seed))
+
+    def inner_product():
+        return (linear.weight * w_ori).sum()
+
+    def epoch_stats():
+        with torch.no_grad():
+            return {"inner_product": inner_product().item(),
+                    "weight_norm": linear.weight.norm().item()}
+
+    tuning = run.timed("finetune", lambda: finetune(
+        run, model, run.batches(), penalty=lambda: cfg.alpha * inner_product(),
+        after_step=lambda: project_to_norm(linear.weight, norm_ori),
+        epoch_stats=epoch_stats))
+    return {"finetune": {**tuning, **epoch_stats()}, "original_weight_norm": norm_ori.item()}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FST: feature shift tuning of a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "fst") as run:
-        model, linear = run.model, run.linear
-        before = run.timed("evaluation_before", run.evaluate)
-        w_ori = linear.weight.detach().clone()
-        norm_ori = w_ori.norm()
-        reinitialize_head(linear, torch.Generator().manual_seed(cfg.seed))
-
-        def inner_product():
-            return (linear.weight * w_ori).sum()
-
-        def epoch_stats():
-            with torch.no_grad():
-                return {"inner_product": inner_product().item(),
-                        "weight_norm": linear.weight.norm().item()}
-
-        tuning = run.timed("finetune", lambda: finetune(
-            run, model, run.batches(), penalty=lambda: cfg.alpha * inner_product(),
-            after_step=lambda: project_to_norm(linear.weight, norm_ori),
-            epoch_stats=epoch_stats))
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {
-            "finetune": {**tuning, **epoch_stats()},
-            "original_weight_norm": norm_ori.item()})
+    return run_defense(cfg, "fst", purify)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import parse_config  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 
 OPTIONS = {**DEFENSE_OPTIONS, **FINETUNE_OPTIONS}
 
 
+def purify(run: DefenseRun) -> dict:
+    """Fine-tune every weight on the defense subset."""
+    return {"finetune": run.timed("finetune", finetune, run, run.model, run.batches())}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FT: fine-tune a BackdoorBench attack record on clean data", argv)
-    with DefenseRun(cfg, "ft") as run:
-        before = run.timed("evaluation_before", run.evaluate)
-        finetuning = run.timed("finetune", finetune, run, run.model, run.batches())
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {"finetune": finetuning})
+    return run_defense(cfg, "ft", purify)
 
 
 if __name__ == "__main__":

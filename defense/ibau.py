@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from utils.core.cli import main_guard, progress  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 from utils.training.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
@@ -146,13 +146,14 @@ def unlearn(run: DefenseRun) -> list[dict]:
 
 
 
+def purify(run: DefenseRun) -> dict:
+    """The rounds of implicit-hypergradient unlearning."""
+    return {"rounds": run.timed("unlearning", unlearn, run)}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "I-BAU backdoor removal on a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "ibau") as run:
-        before = run.timed("evaluation_before", run.evaluate)
-        rounds = run.timed("unlearning", unlearn, run)
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {"rounds": rounds})
+    return run_defense(cfg, "ibau", purify)
 
 
 if __name__ == "__main__":

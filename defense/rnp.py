@@ -3,7 +3,7 @@
     python defense/rnp.py --result_file badnet_0_1 --yaml_path config/defense/rnp/cifar10.yaml
 
 1. Unlearn: gradient ascent on the defense subset with all weights trainable until the epoch's
-   running train accuracy <= clean_threshold (ULRL's `unlearn`, the same recipe: SGD lr 0.01,
+   running train accuracy <= clean_threshold (utils/defenses/unlearning.py, ULRL's recipe: SGD lr 0.01,
    momentum 0.9, weight decay 5e-4, MultiStepLR [10, 20], at most 20 epochs).
 2. Recover at filter level: on a copy of the UNLEARNED model, every BatchNorm2d output becomes
    BN(x; gamma * m, beta) with one mask m per channel (init 1); only the masks train (SGD lr 0.2,
@@ -38,23 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from defense.ulrl import OPTIONS as ULRL_OPTIONS  # noqa: E402
-from defense.ulrl import unlearn  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
     mask_parameters, mask_values, rounded  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, fit  # noqa: E402
-
-# the options `defense.ulrl.unlearn` reads, with ULRL's defaults (= the public RNP code's)
-UNLEARNING_KEYS = ("unlearning_lr", "unlearning_epochs", "clean_threshold", "stop_rule",
-                   "unlearning_momentum", "unlearning_weight_decay", "unlearning_milestones")
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
-    # step 1: unlearning
-    **{key: ULRL_OPTIONS[key] for key in UNLEARNING_KEYS},
+    # step 1: unlearning, ULRL's defaults (= the public RNP code's) but for clip_norm
+    **UNLEARNING_OPTIONS,
     "clip_norm": Option(0.0, "gradient-norm clipping while unlearning (0: off; the public code's "
                              "clipping runs before backward and clips nothing)", bounds=">= 0"),
     # step 2: recovering the masks
@@ -92,21 +87,22 @@ def recover_masks(run: DefenseRun, unlearned, batches) -> dict:
 
 
 
+def purify(run: DefenseRun) -> dict:
+    """Unlearn, recover the masks on the unlearned model, prune the original one."""
+    cfg, model = run.cfg, run.model
+    batches = run.batches()
+    unlearning = run.timed("unlearning", unlearn, model, batches, cfg, run.log_epoch)
+    masks = run.timed("recovering", recover_masks, run, model, batches)
+    # Step 3 on the ORIGINAL weights (BatchNorm buffers included).
+    pruning = run.timed("pruning", choose_threshold, model, run.original_state(), masks,
+                        cfg.thresholds, functools.partial(defense_accuracy, run), cfg.acc_drop,
+                        cfg.zero_beta)
+    return {"unlearning": unlearning, "pruning": pruning, "masks": rounded(masks)}
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "RNP backdoor removal on a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "rnp") as run:
-        model = run.model
-        before = run.timed("evaluation_before", run.evaluate)
-        batches = run.batches()
-        unlearning = run.timed("unlearning", unlearn, run, model, batches)
-        masks = run.timed("recovering", recover_masks, run, model, batches)
-        # Step 3 on the ORIGINAL weights (BatchNorm buffers included).
-        pruning = run.timed("pruning", choose_threshold, model, run.original_state(), masks,
-                            cfg.thresholds, functools.partial(defense_accuracy, run),
-                            cfg.acc_drop, cfg.zero_beta)
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {"unlearning": unlearning, "pruning": pruning,
-                                   "masks": rounded(masks)})
+    return run_defense(cfg, "rnp", purify)
 
 
 if __name__ == "__main__":

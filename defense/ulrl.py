@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,24 +29,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun  # noqa: E402
-from utils.training.train import Batches, accuracy, cross_entropy, fit  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
+from utils.training.train import cross_entropy, fit  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
-    # Algorithm 2: unlearning (kappa = unlearning_lr, CA_min = clean_threshold)
-    "unlearning_lr": Option(0.01, "gradient-ascent learning rate (kappa)", bounds="> 0"),
-    "unlearning_epochs": Option(20, "at most this many unlearning epochs", bounds=">= 1"),
-    "clean_threshold": Option(0.2, "stop unlearning once defense-subset accuracy <= this (CA_min); "
-                              "negative: never stop early (fixed-length runs for benchmarks)", bounds="<= 1"),
-    "stop_rule": Option("epoch", "when CA_min is checked: 'epoch' (running accuracy of each epoch, "
-                        "the public code) or 'step' (before every step, on its mini-batch)",
-                        choices=("epoch", "step")),
-    "unlearning_momentum": Option(0.9, "SGD momentum while unlearning"),
-    "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning"),
-    "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs), gamma 0.1",
-                                    nargs="+", bounds=">= 0"),
-    "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)", bounds=">= 0"),
+    **UNLEARNING_OPTIONS,  # Algorithm 2: unlearning (utils/defenses/unlearning.py)
     # identification
     "dispersion": Option("mad", "outlier scale: 'mad', 'sd' or 'iqr' (Appendix C)",
                          choices=("mad", "sd", "iqr")),
@@ -73,41 +63,7 @@ SIGMA_PER_SPREAD = {"mad": 1.4826, "sd": 1.0, "iqr": 1 / 1.349}
 MEAN_AD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (used when the spread is 0)
 
 
-# ---------------------------------------------------------------- Algorithm 2: unlearning
-def unlearn(run: DefenseRun, model, batches: Batches) -> dict:
-    """Gradient ascent on the defense subset until its accuracy <= CA_min. stop_rule 'epoch': the
-    running accuracy of each epoch's train-mode predictions, checked after the epoch (the public
-    code's rule). 'step': before every ascent step, the accuracy of the current model on that step's
-    mini-batch (the same train-mode forward, so no extra pass); <= CA_min ends unlearning without
-    taking the step. Both stop after unlearning_epochs at the latest."""
-    cfg = run.cfg
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearning_lr,
-                                momentum=cfg.unlearning_momentum,
-                                weight_decay=cfg.unlearning_weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
-    step_stop = None
-    if cfg.stop_rule == "step":
-        def step_stop(logits, labels):
-            return accuracy(logits.argmax(1), labels) <= cfg.clean_threshold
-
-    def epoch_stop(stats):
-        return cfg.stop_rule == "epoch" and stats["train_acc"] <= cfg.clean_threshold
-
-    def on_epoch(epoch, stats, steps):
-        run.log_epoch("unlearning", epoch, {**stats, "steps": steps}, optimizer, model)
-
-    done = fit(model, batches, optimizer, cfg.unlearning_epochs, scheduler=scheduler, ascent=True,
-               clip_norm=cfg.clip_norm, amp=cfg.amp, step_stop=step_stop, epoch_stop=epoch_stop,
-               on_epoch=on_epoch, desc="unlearning")
-    reached, epochs, steps = done["stopped"], done["epochs"], done["steps"]
-    if not reached:
-        log.warning("unlearning never brought defense accuracy to <= %.2f in %d epochs (last "
-                    "%.3f); scoring the weights as they are", cfg.clean_threshold, epochs,
-                    done["train_acc"])
-    return {"epochs": epochs, "steps": steps, "stop_rule": cfg.stop_rule,
-            "reached_threshold": reached, "final_train_acc": done["train_acc"]}
-
-
+# ---------------------------------------------------------------- Algorithm 2: scoring
 def spread(scores: torch.Tensor, dispersion: str) -> tuple[torch.Tensor, str, torch.Tensor]:
     """(center, name, raw spread) of the scores: median and MAD, mean and population SD (Appendix
     C's sigma), or median and Q3 - Q1 (linear interpolation between order statistics)."""
@@ -189,11 +145,12 @@ PENALTIES = {"cosine": cosine_penalty, "inner": inner_penalty,
              "none": lambda weight, neurons, w_ori: weight.new_zeros(())}  # Table V's "without Reg"
 
 
-def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int],
-            w_ori: torch.Tensor) -> dict:
-    """Train all parameters on the defense subset with CE + alpha * penalty. The cosine to the
-    original rows is logged whatever the penalty, as the measure of how far they moved away."""
-    cfg = run.cfg
+def relearn(model, linear, batches, neurons: list[int], w_ori: torch.Tensor, cfg,
+            log_epoch: Callable | None = None) -> dict:
+    """Train all parameters on `batches` with CE + alpha * penalty (cfg holds the relearn_*
+    options, regularizer, alpha and amp). The cosine to the original rows is logged whatever the
+    penalty, as the measure of how far they moved away; `log_epoch(phase, epoch, stats,
+    optimizer, model)` receives every epoch's row."""
     penalty = PENALTIES[cfg.regularizer]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.relearn_lr,
                                 momentum=cfg.relearn_momentum)
@@ -204,7 +161,8 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
 
     def on_epoch(epoch, stats, steps):
         stats["cosine"] = cosine_penalty(linear.weight.detach(), neurons, w_ori).item()
-        run.log_epoch("relearning", epoch, stats, optimizer, model)
+        if log_epoch is not None:
+            log_epoch("relearning", epoch, stats, optimizer, model)
 
     fit(model, batches, optimizer, cfg.relearn_epochs, loss_fn=loss_fn, scheduler=scheduler,
         amp=cfg.amp, on_epoch=on_epoch, desc="relearning")
@@ -212,55 +170,62 @@ def relearn(run: DefenseRun, model, linear, batches: Batches, neurons: list[int]
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
-def main(argv=None):
-    cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
-    with DefenseRun(cfg, "ulrl") as run:
-        model, linear = run.model, run.linear
-        require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
-                f"--random_k {cfg.random_k} exceeds the {linear.out_features} classifier neurons")
-        before = run.timed("evaluation_before", run.evaluate)
-        batches = run.batches()
+# ---------------------------------------------------------------- Algorithm 1
+def choose_neurons(found: dict, num_neurons: int, cfg) -> tuple[list[int], str]:
+    """The neurons to reinitialize and what to do with them: 'reinitialize', or with none flagged
+    no_flag_action's 'finetune' (relearn without reinitializing), 'top' (the ht largest scores)
+    or 'stop' (keep the original model). --selection random replaces the flagged ones (Table VI)."""
+    neurons, action = found["flagged"], "reinitialize"
+    if cfg.selection == "random":  # Table VI: a random choice instead of unlearning's
+        neurons = random_neurons(num_neurons, cfg.random_k, cfg.seed)
+        log.info("selection random: reinitializing neurons %s", neurons)
+    elif not neurons:
+        action = cfg.no_flag_action
+        log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
+        if action == "top":
+            neurons = found["ranking"][:max(cfg.ht, 1)]
+    if len(neurons) == num_neurons:
+        log.warning("every classifier neuron is flagged (%d): the whole classifier is "
+                    "relearned from scratch; lower --ht or raise --tau", len(neurons))
+    return neurons, action
 
-        # Algorithm 2, lines 1-8: capture w_pre, unlearn, capture w_post.
-        w_pre = linear.weight.detach().clone()
-        unlearning = run.timed("unlearning", unlearn, run, model, batches)
-        w_post = linear.weight.detach().clone()
-        # Lines 9-17: score the neurons and flag the outliers.
-        found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion)
-        neurons = found["flagged"]
-        log.info("neuron scores: center %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
-                 found["center"], found["scale"], found["scale_value"], found["threshold"],
-                 neurons, found["outliers"])
-        if found["tie_at_cap"]:
-            log.warning("scores tie at the cap ht=%d: kept the lower neuron index", cfg.ht)
-        action = "reinitialize"
-        if cfg.selection == "random":  # Table VI: a random choice instead of unlearning's
-            neurons = random_neurons(linear.out_features, cfg.random_k, cfg.seed)
-            log.info("selection random: reinitializing neurons %s", neurons)
-        elif not neurons:
-            action = cfg.no_flag_action
-            log.warning("no neuron was flagged (tau %.2f): no_flag_action=%s", cfg.tau, action)
-            if action == "top":
-                neurons = found["ranking"][:max(cfg.ht, 1)]
-        if len(neurons) == linear.out_features:
-            log.warning("every classifier neuron is flagged (%d): the whole classifier is "
-                        "relearned from scratch; lower --ht or raise --tau", len(neurons))
-        # Line 18: revert to the original (backdoored) weights, BatchNorm buffers included.
-        model.load_state_dict(run.original_state())
 
-        relearning = {"epochs": 0}
-        if action != "stop":
-            # Algorithm 3: reinitialize the flagged neurons, then relearn.
-            w_ori = linear.weight.detach()[neurons].clone()
-            reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-            relearning = run.timed("relearning", relearn, run, model, linear, batches, neurons,
-                                   w_ori)
-        after = run.timed("evaluation_after", run.evaluate)
-        run.finish(before, after, {
-            "flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
+def purify(run: DefenseRun) -> dict:
+    """Algorithm 1 on the record's model: unlearn, score, revert, reinitialize, relearn."""
+    cfg, model, linear = run.cfg, run.model, run.linear
+    require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
+            f"--random_k {cfg.random_k} exceeds the {linear.out_features} classifier neurons")
+    batches = run.batches()
+    # Algorithm 2, lines 1-8: capture w_pre, unlearn, capture w_post.
+    w_pre = linear.weight.detach().clone()
+    unlearning = run.timed("unlearning", unlearn, model, batches, cfg, run.log_epoch)
+    w_post = linear.weight.detach().clone()
+    # Lines 9-17: score the neurons and flag the outliers.
+    found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion)
+    log.info("neuron scores: center %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
+             found["center"], found["scale"], found["scale_value"], found["threshold"],
+             found["flagged"], found["outliers"])
+    if found["tie_at_cap"]:
+        log.warning("scores tie at the cap ht=%d: kept the lower neuron index", cfg.ht)
+    neurons, action = choose_neurons(found, linear.out_features, cfg)
+    # Line 18: revert to the original (backdoored) weights, BatchNorm buffers included.
+    model.load_state_dict(run.original_state())
+    relearning = {"epochs": 0}
+    if action != "stop":
+        # Algorithm 3: reinitialize the flagged neurons, then relearn.
+        w_ori = linear.weight.detach()[neurons].clone()
+        reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+        relearning = run.timed("relearning", relearn, model, linear, batches, neurons, w_ori, cfg,
+                               run.log_epoch)
+    return {"flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
             "identification": found, "selection": cfg.selection,
             "no_flag_action": action if action != "reinitialize" else None,
-            "unlearning": unlearning, "relearning": relearning})
+            "unlearning": unlearning, "relearning": relearning}
+
+
+def main(argv=None):
+    cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
+    return run_defense(cfg, "ulrl", purify)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from defense.ulrl import PENALTIES, main, random_neurons, relearn, score_neurons, unlearn
+from defense.ulrl import PENALTIES, main, random_neurons, relearn, score_neurons
 from tests.helpers import tiny_record
 from utils.core.errors import UserError
 from utils.data.images import ImageSet, Preprocess
+from utils.defenses.unlearning import unlearn
 from utils.training.train import Batches
 
 # One extreme outlier (9) and a moderate one (8): MAD flags both; IQR, wider here, misses the
@@ -77,11 +78,11 @@ def test_step_rule_stops_before_the_step_that_meets_ca_min():
     # epoch rule only looks after a whole epoch of updates.
     run, model, batches = synthetic_run(stop_rule="step", clean_threshold=1.0)
     before = model[1].weight.detach().clone()
-    result = unlearn(run, model, batches)
+    result = unlearn(model, batches, run.cfg, run.log_epoch)
     assert result["steps"] == 0 and result["epochs"] == 1 and result["reached_threshold"]
     assert torch.equal(model[1].weight, before)
     run, model, batches = synthetic_run(stop_rule="epoch", clean_threshold=1.0)
-    result = unlearn(run, model, batches)
+    result = unlearn(model, batches, run.cfg, run.log_epoch)
     assert result["steps"] == len(batches) and result["epochs"] == 1
     assert not torch.equal(model[1].weight, before)
 
@@ -89,7 +90,7 @@ def test_step_rule_stops_before_the_step_that_meets_ca_min():
 def test_both_rules_run_every_step_when_ca_min_is_never_met():
     for rule in ("epoch", "step"):
         run, model, batches = synthetic_run(stop_rule=rule, clean_threshold=-1.0)
-        result = unlearn(run, model, batches)
+        result = unlearn(model, batches, run.cfg, run.log_epoch)
         assert result["steps"] == 3 * len(batches) and not result["reached_threshold"]
 
 
@@ -99,7 +100,7 @@ def test_regularizer_none_relearns_exactly_like_alpha_zero():
                       "cosine": dict()}.items():
         run, model, batches = synthetic_run(**cfg)
         w_ori = model[1].weight.detach()[[0, 2]].clone()
-        relearn(run, model, model[1], batches, [0, 2], w_ori)
+        relearn(model, model[1], batches, [0, 2], w_ori, run.cfg, run.log_epoch)
         finals[name] = model[1].weight.detach()
     assert torch.equal(finals["none"], finals["alpha0"])
     assert not torch.equal(finals["none"], finals["cosine"])

@@ -110,3 +110,12 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     assert "utils.data.record" in upward_imports(fake / "bad.py")[0]
     assert "utils.defenses.run" in upward_imports(tmp_path / "utils" / "attacks" / "kit.py")[0]
     assert "utils.training.train" in upward_imports(tmp_path / "utils" / "data" / "x.py")[0]
+
+
+@pytest.mark.parametrize("path", [p for p in source_files() if p.parent.name in ("attack", "defense")],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_scripts_are_not_libraries(path):
+    """An attack or defense script uses the kits, never another script: what two scripts share
+    (RNP's and ULRL's unlearning, say) belongs in a kit."""
+    assert [target for _, target in imported_modules(path)
+            if target.split(".")[0] in ("attack", "defense")] == []

@@ -6,6 +6,7 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -83,6 +84,18 @@ def select_subset(n: int, cfg) -> list[int]:
     k = int(n * cfg.ratio)
     require(k > 0, f"--ratio {cfg.ratio} selects no sample of {n}: raise it")
     return random.Random(cfg.seed).sample(range(n), k)
+
+
+def run_defense(cfg, method: str, purify: Callable[["DefenseRun"], dict]) -> dict:
+    """The skeleton every defense runs on: load the record, evaluate the backdoored model, purify
+    it, evaluate again, write the result set. `purify(run)` is the defense's algorithm: it changes
+    run.model in place (timing its phases with run.timed) and returns the details for
+    summary.json."""
+    with DefenseRun(cfg, method) as run:
+        before = run.timed("evaluation_before", run.evaluate)
+        details = purify(run)
+        after = run.timed("evaluation_after", run.evaluate)
+        return run.finish(before, after, details)
 
 
 class DefenseRun:
