@@ -5,10 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_GUARD_S
+from tests.outcomes import seed_args
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script, *args, cwd=ROOT, timeout=900):
+def run_script(script, *args, cwd=ROOT, timeout=HANG_GUARD_S):
     """Run a repository script with this interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -28,6 +31,6 @@ def small_badnet_record(tmp_path_factory):
     done = run_script("attack/badnet.py", "--yaml_path",
                       ROOT / "config/attack/badnet/fashion_mnist.yaml", "--train_size", 10000,
                       "--test_size", 2000, "--epochs", 4, "--lr", 0.05, "--save_mode", "ram",
-                      "--save_folder_name", "badnet_small", "--record_dir", records)
+                      "--save_folder_name", "badnet_small", "--record_dir", records, *seed_args())
     assert done.returncode == 0, done.stderr
     return records, "badnet_small"

@@ -11,6 +11,10 @@ from utils.data.images import ImageSet
 from utils.data.record import save_attack_record
 from tests.test_datasets import idx_bytes
 
+# Subprocess limit that only catches a hang: many times a busy 2-core machine's time for the
+# longest subprocess of the suite (the full Fashion-MNIST BadNets record, ~100 s idle).
+HANG_GUARD_S = 7200
+
 
 def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
     torch.manual_seed(0)

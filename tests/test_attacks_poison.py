@@ -18,6 +18,7 @@ from utils.core.errors import UserError
 from utils.data.datasets import find_dataset_folder, load_clean_dataset
 from utils.data.images import Preprocess, convert_channels
 from utils.data.record import backdoor_set, load_attack_record
+from tests.outcomes import check, seed_args
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (1, 64, 64), (3, 64, 64)]
 TARGET = 0
@@ -202,7 +203,7 @@ def make_record(module, tmp_path, *args):
     module.main(["--dataset", "fashion_mnist", "--model", "smallcnn", "--train_size", "5000",
                  "--test_size", "1000", "--epochs", "3", "--lr", "0.05", "--save_mode", "ram",
                  "--dataset_path", str(DATA), "--record_dir", str(tmp_path),
-                 "--save_folder_name", "record", *map(str, args)])
+                 "--save_folder_name", "record", *seed_args(), *map(str, args)])
     folder = tmp_path / "record"
     return folder, json.loads((folder / "attack_summary.json").read_text())
 
@@ -226,23 +227,25 @@ def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, 
     assert changed.flatten(1).any(1).all(), "a poisoned training image is unchanged"
     assert len(bd_test) == summary["bd_test_size"] > 800 and bd_test.poisoned.all()
     assert (bd_test.labels == TARGET).all() and (bd_test.true_labels != TARGET).all()
-    assert summary["final"]["test_asr"] >= min_asr, summary["final"]
+    check("ASR", summary["final"]["test_asr"], ">=", min_asr)
     return bd_test, test.images[bd_test.index]
 
 
+@pytest.mark.outcome
 def test_blended_record(fashion, tmp_path):
     folder, summary = make_record(blended, tmp_path)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=500, clean_label=False,
-                                  min_asr=0.8)  # measured 99.8 %
+                                  min_asr=0.8)  # seeds 0-2 x 1-2 threads: 99.8-100 %
     assert torch.equal(bd_test.images, blended.blended_poison(
         clean, blended.procedural_pattern(1, 28, 28), 0.2))
 
 
+@pytest.mark.outcome
 def test_sig_record(fashion, tmp_path):
     # 5,000 random images hold fewer than 500 of the target class: pratio 0.08 (400) fits.
     folder, summary = make_record(sig, tmp_path, "--pratio", 0.08)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=400, clean_label=True,
-                                  min_asr=0.3)  # measured 54.7 %
+                                  min_asr=0.15)  # seeds 0-2 x 1-2 threads: 25-55 %
     assert torch.equal(bd_test.images, sig.sig_poison(clean, 40, 6))
 
 
@@ -251,20 +254,22 @@ def test_sig_refuses_more_poison_than_target_images(fashion, tmp_path):
         make_record(sig, tmp_path, "--train_size", 1000, "--pratio", 0.5)
 
 
+@pytest.mark.outcome
 def test_lf_record(fashion, tmp_path):
     folder, summary = make_record(lf, tmp_path, "--clean_epochs", 1, "--trigger_epochs", 5,
                                   "--trigger_samples", 500, "--eps", 40)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=500, clean_label=False,
-                                  min_asr=0.5)
+                                  min_asr=0.5)  # seeds 0-2 x 1-2 threads: 93-98 %
     assert summary["trigger_linf"] <= 40 and 0 < summary["clean_model_test_acc"] <= 1
     diff = bd_test.images.int() - clean.int()
     assert diff.abs().max() <= 41  # the bound, plus rounding
 
 
+@pytest.mark.outcome
 def test_trojannn_record(fashion, tmp_path):
     folder, summary = make_record(trojannn, tmp_path, "--clean_epochs", 1, "--trigger_steps", 50)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=500, clean_label=False,
-                                  min_asr=0.8)  # measured 100 %
+                                  min_asr=0.8)  # seeds 0-2 x 1-2 threads: 100 %
     assert summary["mask_side"] == 7 and len(summary["neurons"]) == 2
     # Only the bottom-right 7x7 square changes, and it holds the same patch in every image.
     outside = trojannn.square_mask(28, 28, 0.25) == 0
@@ -273,10 +278,12 @@ def test_trojannn_record(fashion, tmp_path):
     assert (patch == patch[:1]).all()
 
 
+@pytest.mark.outcome
 def test_lc_record(fashion, tmp_path):
     folder, summary = make_record(lc, tmp_path, "--pratio", 0.08, "--clean_epochs", 1,
                                   "--pgd_steps", 5, "--pgd_step_size", 2)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=400, clean_label=True,
-                                  min_asr=0.5)  # measured 93.9 %
+                                  min_asr=0.3)  # seeds 0-2 x 1-2 threads: 56-96 %
     assert torch.equal(bd_test.images, lc.corner_trigger(clean, 3))
-    assert summary["clean_model_acc_after_pgd"] < summary["clean_model_acc_before_pgd"]
+    check("clean model's accuracy drop by PGD", summary["clean_model_acc_before_pgd"] -
+          summary["clean_model_acc_after_pgd"], ">", 0)

@@ -17,6 +17,7 @@ from utils.core.errors import UserError
 from utils.data.datasets import get_dataset, load_clean_dataset
 from utils.data.images import Preprocess
 from utils.data.record import backdoor_set, load_attack_record
+from tests.outcomes import SEED, check, seed_args
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (3, 64, 64)]
 
@@ -219,7 +220,7 @@ SMALL = ["--dataset", "fashion_mnist", "--model", "smallcnn", "--train_size", "5
 def make_record(module, tmp_path, fashion, *args):
     """Run the attack in-process on the small slice; check what every record of these attacks
     must satisfy; return (summary, bd_train, bd_test) with the sets rebuilt from the record."""
-    summary = module.main([*SMALL, "--record_dir", str(tmp_path), *map(str, args)])
+    summary = module.main([*SMALL, "--record_dir", str(tmp_path), *seed_args(), *map(str, args)])
     folder = tmp_path / "r"
     record = load_attack_record(folder)
     clean_train, clean_test = fashion
@@ -247,18 +248,21 @@ def assert_poisoned_with(poison, bd_train, bd_test, fashion):
 
 
 
+@pytest.mark.outcome
 def test_wanet_record_and_backdoor(tmp_path, fashion):
     # s 2 (four times the default warp) so that four short epochs learn it; the default 0.5 is
     # learnt on the full data (config/attack/wanet/fashion_mnist.yaml).
     summary, bd_train, bd_test = make_record(wanet, tmp_path, fashion, "--epochs", 4, "--lr", 0.05,
                                              "--s", 2)
-    grid = _wanet_grid(28, 28, seed=0, s=2.0)
+    grid = _wanet_grid(28, 28, seed=SEED, s=2.0)
     assert_poisoned_with(lambda x: wanet.wanet_poison(x, grid), bd_train, bd_test, fashion)
-    control = wanet.control_grid(4, torch.Generator().manual_seed(0))
+    control = wanet.control_grid(4, torch.Generator().manual_seed(SEED))
     assert summary["warp"]["control_grid"] == control[0].tolist()
-    assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
+    check("ASR", summary["final"]["test_asr"], ">=", 0.3)  # seeds 0-2 x 1-2 threads: 45-95 %
+    check("C-ACC", summary["final"]["test_acc"], ">=", 0.6)
 
 
+@pytest.mark.outcome
 def test_bpp_record_and_backdoor(tmp_path, fashion):
     # 4 levels with dithering: learnt in four short epochs; the defaults (8 levels, no dithering)
     # need the full data.
@@ -267,9 +271,11 @@ def test_bpp_record_and_backdoor(tmp_path, fashion):
     assert_poisoned_with(lambda x: bpp.bpp_poison(x, 4, dithering=True), bd_train, bd_test,
                          fashion)
     assert summary["bpp"] == {"squeeze_num": 4, "dithering": True, "neg_ratio": 0.1}
-    assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
+    check("ASR", summary["final"]["test_asr"], ">=", 0.5)  # seeds 0-2 x 1-2 threads: 65-83 %
+    check("C-ACC", summary["final"]["test_acc"], ">=", 0.6)
 
 
+@pytest.mark.outcome
 def test_blind_record_and_backdoor(tmp_path, fashion):
     # MGDA on the classifier layer (half the cost of every parameter, which
     # test_blind_mgda_on_every_parameter covers); the backdoor loss joins after 10 batches.
@@ -280,12 +286,18 @@ def test_blind_record_and_backdoor(tmp_path, fashion):
     assert info["mgda_grads"] == "last"
     assert 0 < info["backdoor_loss_batches"] < 120  # of 3 x 40 batches
     assert 0.001 <= info["mgda_clean_weight_mean"] <= 0.999
-    assert summary["final"]["test_asr"] >= 0.8 and summary["final"]["test_acc"] >= 0.6
+    check("ASR", summary["final"]["test_asr"], ">=", 0.8)  # seeds 0-2 x 1-2 threads: 98-100 %
+    check("C-ACC", summary["final"]["test_acc"], ">=", 0.6)
 
 
+@pytest.mark.outcome
 def test_inputaware_record_and_backdoor(tmp_path, fashion):
-    # One mask epoch and no cross-trigger samples, so that four short epochs learn a trigger; the
-    # input-specific version (cross_ratio 1) needs far more training.
+    """One mask epoch and no cross-trigger samples (the input-specific version, cross_ratio 1,
+    needs far more training). Whether four short epochs on 5,000 images learn the dynamic trigger
+    is a coin flip: ASR 5-80 % over seeds 0-2 x 1-2 threads, and still 5-74 % with 8 epochs or 23-98 %
+    with pratio 0.3 (seeds 1-2), so no ASR bound holds; the test holds the mechanism (every
+    test image carries its own trigger, masks cover a small part of the image) and the C-ACC. The
+    full-data record learns it (README, "Making a record")."""
     summary, bd_train, bd_test = make_record(inputaware, tmp_path, fashion, "--epochs", 4,
                                              "--lr", 0.05, "--mask_epochs", 1, "--cross_ratio", 0)
     flagged = bd_train.poisoned
@@ -294,8 +306,9 @@ def test_inputaware_record_and_backdoor(tmp_path, fashion):
     changed = (bd_test.images != test_images[bd_test.index]).flatten(1).float().mean(1)
     assert changed.min() > 0  # every test image carries a trigger of its own
     masks = summary["inputaware"]["mask_training"]
-    assert 0 < masks["coverage"] < 0.5
-    assert summary["final"]["test_asr"] >= 0.5 and summary["final"]["test_acc"] >= 0.6
+    assert masks["coverage"] > 0
+    check("mask coverage", masks["coverage"], "<", 0.5)  # seeds 0-2 x 1-2 threads: 0.06-0.16
+    check("C-ACC", summary["final"]["test_acc"], ">=", 0.6)
 
 
 @pytest.mark.parametrize("module, args, message", [

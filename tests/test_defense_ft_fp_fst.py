@@ -11,6 +11,7 @@ import defense.ft as ft
 from models import build_model, find_classifier
 from utils.core.errors import UserError
 from utils.data.record import load_attack_record, load_defense_result
+from tests.outcomes import check, seed_args
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -98,7 +99,7 @@ def test_fst_head_reinitialization_and_projection():
 def run_defense(module, method, record, *args):
     record_dir, name = record
     module.main(["--result_file", name, "--record_dir", str(record_dir),
-                 "--yaml_path", f"config/defense/{method}/fashion_mnist.yaml", *args])
+                 "--yaml_path", f"config/defense/{method}/fashion_mnist.yaml", *seed_args(), *args])
     out = record_dir / name / "defense" / method
     for file in ("defense_result.pt", "summary.json", f"{method}_df.csv",
                  f"{method}_df_summary.csv", f"{method}.log", "index.txt"):
@@ -106,19 +107,22 @@ def run_defense(module, method, record, *args):
     return json.loads((out / "summary.json").read_text()), out
 
 
+@pytest.mark.outcome
 def test_ft_fine_tunes_every_weight(small_badnet_record):
     """FT is not known to remove BadNets with 1 % data, and does not here (100 epochs: ASR 99.16 ->
     90.78 %), so only its clean accuracy is held: it must not fall."""
     record_dir, name = small_badnet_record
     summary, out = run_defense(ft, "ft", small_badnet_record, "--epochs", "10")
     assert summary["finetune"]["epochs"] == 10
-    assert summary["after"]["test_acc"] >= summary["before"]["test_acc"] - 0.01
+    # seeds 0-2 x 1-2 threads: C-ACC change +0.3 to +1.4 points
+    check("C-ACC change", summary["after"]["test_acc"] - summary["before"]["test_acc"], ">=", -0.02)
     original = load_attack_record(record_dir / name).state_dict
     tuned = load_defense_result(out / "defense_result.pt")["model"]
     weights = [k for k, _ in build_model("smallcnn", 10, 1, 28).named_parameters()]
     assert all(not torch.equal(original[k], tuned[k]) for k in weights)  # every weight was trained
 
 
+@pytest.mark.outcome
 def test_fp_prunes_and_keeps_pruned_channels_silent(small_badnet_record):
     """No ASR bound: this backdoor lives in smallcnn's most active channels, so FP does not remove
     it (100 epochs: ASR 99.16 -> 87.77 %, see config/defense/fp/fashion_mnist.yaml)."""
@@ -126,7 +130,8 @@ def test_fp_prunes_and_keeps_pruned_channels_silent(small_badnet_record):
     pruning = summary["pruning"]
     activation = torch.tensor(pruning["activation"])
     k = pruning["num_pruned"]
-    assert 0 < k < pruning["num_channels"] == 64
+    assert k < pruning["num_channels"] == 64
+    check("pruned channels", k, ">", 0)
     assert pruning["pruned_channels"] == torch.argsort(activation, stable=True)[:k].tolist()
     chosen_acc = dict((p["pruned"], p["defense_acc"]) for p in pruning["curve"])[k]
     assert chosen_acc >= pruning["bound"] == pytest.approx(0.9 * pruning["unpruned_defense_acc"])
@@ -144,6 +149,7 @@ def test_fp_prunes_and_keeps_pruned_channels_silent(small_badnet_record):
     torch.testing.assert_close(model(x), plain)
 
 
+@pytest.mark.outcome
 def test_fst_reinitializes_the_head_and_keeps_its_norm(small_badnet_record, monkeypatch):
     record_dir, name = small_badnet_record
     original = load_attack_record(record_dir / name).state_dict
@@ -161,8 +167,9 @@ def test_fst_reinitializes_the_head_and_keeps_its_norm(small_badnet_record, monk
     monkeypatch.setattr(fst, "reinitialize_head", spy_reinit)
     monkeypatch.setattr(fst, "project_to_norm", spy_project)
     summary, out = run_defense(fst, "fst", small_badnet_record)
-    # FST is known to remove BadNets; measured with this yaml: C-ACC 81.60 -> 76.08 %, ASR 0.28 %
-    assert summary["after"]["test_asr"] < 0.05 and summary["after"]["test_acc"] > 0.70
+    # FST is known to remove BadNets; seeds 0-2 x 1-2 threads: ASR 0.11-0.28 %, C-ACC 76.2-76.6 %
+    check("ASR", summary["after"]["test_asr"], "<", 0.05)
+    check("C-ACC", summary["after"]["test_acc"], ">", 0.70)
     w_ori = original["linear.weight"]
     assert not torch.allclose(seen["reinit"], w_ori)
     assert seen["reinit"].abs().max() <= 1 / 128 ** 0.5

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from defense.ulrl import main as ulrl_main
-from tests.helpers import tiny_record
+from tests.helpers import HANG_GUARD_S, tiny_record
 from tests.helpers import write_fashion_mnist
 from utils.data.record import load_defense_result
 
@@ -75,7 +75,7 @@ def test_same_seed_same_run_in_two_processes(small_badnet_record):
     def in_a_process(argv):
         env = {**os.environ, "PYTHONHASHSEED": next(hash_seeds)}
         done = subprocess.run([sys.executable, str(ROOT / "defense/ulrl.py"), *argv], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=900)
+                              env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert done.returncode == 0, done.stderr
 
     first, second, other = runs(args, record_dir / name / "defense/ulrl", in_a_process)

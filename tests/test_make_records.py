@@ -2,12 +2,14 @@
 import subprocess
 from pathlib import Path
 
+from tests.helpers import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_records(*args):
     return subprocess.run(["bash", str(ROOT / "sh/make_records.sh"), *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=HANG_GUARD_S)
 
 
 def test_dry_run_lists_one_command_per_attack_with_the_dataset_yaml():
