@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from utils.attacks.run import ATTACK_OPTIONS, Attack, AttackContext, run_attack  # noqa: E402
-from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega  # noqa: E402
+from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, \
+    train_stega  # noqa: E402
 from utils.core.cli import log, main_guard, progress, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.core.errors import UserError  # noqa: E402

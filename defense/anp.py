@@ -43,8 +43,9 @@ import torch  # noqa: E402
 
 from utils.core.cli import main_guard, progress  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
-    mask_parameters, mask_values, noise_parameters, rounded, set_perturbed  # noqa: E402
+from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, \
+    mask_batchnorms, mask_parameters, mask_values, noise_parameters, rounded, \
+    set_perturbed  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 from utils.training.train import autocast, cross_entropy  # noqa: E402
 

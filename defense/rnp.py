@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, mask_batchnorms, \
-    mask_parameters, mask_values, rounded  # noqa: E402
+from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, \
+    mask_batchnorms, mask_parameters, mask_values, rounded  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, fit  # noqa: E402

@@ -6,7 +6,8 @@ from utils.training.train import accuracy, fit
 
 
 class ToyBatches:
-    """`count` fixed batches of 8 two-feature points, labelled by the sign of their first feature."""
+    """`count` fixed batches of 8 two-feature points, labelled by the sign of their first
+    feature."""
 
     def __init__(self, count=3):
         generator = torch.Generator().manual_seed(0)

@@ -44,7 +44,8 @@ def layer_of(module: str) -> str | None:
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in the file, relative ones resolved."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -112,7 +113,8 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     assert "utils.training.train" in upward_imports(tmp_path / "utils" / "data" / "x.py")[0]
 
 
-@pytest.mark.parametrize("path", [p for p in source_files() if p.parent.name in ("attack", "defense")],
+@pytest.mark.parametrize("path", [p for p in source_files()
+                                  if p.parent.name in ("attack", "defense")],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_scripts_are_not_libraries(path):
     """An attack or defense script uses the kits, never another script: what two scripts share

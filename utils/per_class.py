@@ -1,5 +1,6 @@
-"""`python -m utils.per_class`, the documented command. The code lives in the analysis layer
-(utils/analysis/per_class.py); this entry point only runs it there, so the command stays the same."""
+"""`python -m utils.per_class`, the documented command. Its code lives in the analysis
+layer (utils/analysis/per_class.py); this entry point only runs it there, so the command
+stays the same."""
 import runpy
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""`python -m utils.plots`, the documented command. The code lives in the analysis layer
-(utils/analysis/plots.py); this entry point only runs it there, so the command stays the same."""
+"""`python -m utils.plots`, the documented command. Its code lives in the analysis
+layer (utils/analysis/plots.py); this entry point only runs it there, so the command
+stays the same."""
 import runpy
 
 if __name__ == "__main__":
