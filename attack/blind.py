@@ -44,7 +44,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import find_classifier  # noqa: E402
-from utils.attacks.controlled import fit_epochs  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
 from utils.attacks.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
@@ -160,8 +159,8 @@ def make_attack(ctx, cfg) -> Attack:
         pattern = blind_pattern(cfg.patch_size).float().div(255).expand(1, ctx.channels, -1, -1)
         loss = BlindLoss(cfg, model, normalize(pattern, ctx.preprocess).to(ctx.device),
                          ctx.spec.num_classes)
-        fit_epochs(ctx, model, cfg.epochs, ctx.batches(ctx.train.to(ctx.device)), loss_fn=loss,
-                   transform=loss.transform, desc=f"training {cfg.model} (Blind)")
+        ctx.fit(model, ctx.batches(ctx.train.to(ctx.device)), cfg.epochs, loss_fn=loss,
+                transform=loss.transform, desc=f"training {cfg.model} (Blind)")
         summary["backdoor_loss_batches"] = loss.attacked
         if cfg.loss_balance == "mgda" and loss.attacked:
             summary["mgda_clean_weight_mean"] = round(loss.alpha_sum / loss.attacked, 4)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.attacks.controlled import fit_epochs, share, sub_generator  # noqa: E402
+from utils.attacks.controlled import share, sub_generator  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -122,8 +122,8 @@ def make_attack(ctx, cfg) -> Attack:
 
     def train(ctx, model, bd_train):
         squeezed = poison(ctx.train.images).to(ctx.device)
-        fit_epochs(ctx, model, cfg.epochs, MixedBatches(ctx, squeezed, cfg),
-                   desc=f"training {cfg.model} (BPP)")
+        ctx.fit(model, MixedBatches(ctx, squeezed, cfg), cfg.epochs,
+                desc=f"training {cfg.model} (BPP)")
 
     details = {"bpp": {"squeeze_num": cfg.squeeze_num, "dithering": cfg.dithering,
                        "neg_ratio": cfg.neg_ratio}}

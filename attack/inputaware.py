@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils.attacks.controlled import Stepped, apply_in_chunks, fit_epochs, share, to_unit  # noqa: E402
+from utils.attacks.controlled import Stepped, apply_in_chunks, share, to_unit  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
 from utils.attacks.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
@@ -194,9 +194,9 @@ def make_attack(ctx, cfg) -> Attack:
         mix = TriggerMix(ctx, cfg, pattern_net, mask_net)
         opt_victim, schedule = ctx.optimizer(model.parameters(), cfg.epochs)
         opt_pattern = torch.optim.Adam(pattern_net.parameters(), cfg.lr_G, betas=(0.5, 0.9))
-        fit_epochs(ctx, model, cfg.epochs, ctx.batches(data), loss_fn=mix.loss,
-                   transform=mix.transform, optimizer=Stepped(opt_victim, opt_pattern),
-                   scheduler=schedule, desc=f"training {cfg.model} (InputAware)")
+        ctx.fit(model, ctx.batches(data), cfg.epochs, loss_fn=mix.loss, transform=mix.transform,
+                optimizer=Stepped(opt_victim, opt_pattern), scheduler=schedule,
+                desc=f"training {cfg.model} (InputAware)")
 
     return Attack(poison=poison, train=train, dynamic=True, details=details)
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.attacks.controlled import fit_epochs, share, sub_generator, unit_to_uint8  # noqa: E402
+from utils.attacks.controlled import share, sub_generator, unit_to_uint8  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -100,8 +100,8 @@ def make_attack(ctx, cfg) -> Attack:
         return x, y
 
     def train(ctx, model, bd_train):
-        fit_epochs(ctx, model, cfg.epochs, ctx.batches(ctx.train.to(ctx.device)),
-                   transform=transform, desc=f"training {cfg.model} (WaNet)")
+        ctx.fit(model, ctx.batches(ctx.train.to(ctx.device)), cfg.epochs, transform=transform,
+                desc=f"training {cfg.model} (WaNet)")
 
     details = {"warp": {"k": cfg.k, "s": cfg.s, "grid_rescale": cfg.grid_rescale,
                         "cross_ratio": cfg.cross_ratio, "seed": cfg.seed,

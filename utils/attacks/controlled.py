@@ -1,7 +1,7 @@
 """What the training-controlled attacks (WaNet, BPP, InputAware, Blind) share: moving a batch
 between normalized and [0, 1] pixel space, the per-batch poisoned share, running a trigger network
-over uint8 images in chunks, and the victim's epoch loop with the attack's own batches, loss,
-batch transform and optimizers (the shared `AttackContext.fit` fixes the loss and the optimizer).
+over uint8 images in chunks. The victim's training, with the attack's own batches, loss, batch
+transform and optimizers, is `AttackContext.fit` (utils/attacks/run.py), as for every attack.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from utils.attacks.triggers import to_uint8 as _pixels_to_uint8
-from utils.training.train import cross_entropy, eval_batch_size, fit
+from utils.training.train import eval_batch_size
 
 
 def to_unit(x: torch.Tensor, preprocess) -> torch.Tensor:
@@ -62,15 +62,3 @@ class Stepped:
     def step(self):
         for item in self.items:
             item.step()
-
-
-def fit_epochs(ctx, model, epochs: int, batches, *, loss_fn: Callable = cross_entropy,
-               transform: Callable | None = None, optimizer=None, scheduler=None,
-               desc: str = "training") -> None:
-    """The victim's training with one evaluated row per epoch (ctx.end_epoch). `batches` yields
-    (normalized x, y, index); optimizer/scheduler default to ctx.optimizer's SGD + cosine."""
-    if optimizer is None:
-        optimizer, scheduler = ctx.optimizer(model.parameters(), epochs)
-    fit(model, batches, optimizer, epochs, loss_fn=loss_fn, scheduler=scheduler, amp=ctx.cfg.amp,
-        transform=transform, desc=desc,
-        on_epoch=lambda epoch, stats, steps: ctx.end_epoch(model, epoch, epochs, stats, optimizer))

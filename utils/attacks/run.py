@@ -147,7 +147,8 @@ class AttackContext:
                 epochs = getattr(cfg, "clean_epochs", 0) or cfg.epochs
                 log.info("training a clean %s for %d epochs (the trigger is built against it)",
                          cfg.model, epochs)
-                self.fit(model, self.train.to(self.device), epochs, desc="clean model")
+                self.fit(model, self.batches(self.train.to(self.device)), epochs,
+                         desc="clean model", log_rows=False)
             model.eval()
             self._clean_model = model
         return self._clean_model
@@ -163,16 +164,21 @@ class AttackContext:
         return Batches(data, self.preprocess, self.cfg.batch_size, shuffle=True, augment=augment,
                        seed=self.cfg.seed)
 
-    def fit(self, model, data: ImageSet, epochs: int, transform: Callable | None = None,
-            desc: str = "training", log_rows: bool = False) -> None:
-        """The default loop: SGD with cosine schedule; per-epoch evaluation rows when log_rows."""
-        optimizer, scheduler = self.optimizer(model.parameters(), epochs)
+    def fit(self, model, batches, epochs: int, *, loss_fn: Callable | None = None,
+            transform: Callable | None = None, optimizer=None, scheduler=None,
+            desc: str = "training", log_rows: bool = True) -> None:
+        """The victim's training, for every attack: `batches` yields (normalized x, y, index);
+        optimizer and scheduler default to the SGD + cosine recipe; one evaluated row per epoch
+        (end_epoch) unless log_rows is False (the clean model a trigger is built against)."""
+        if optimizer is None:
+            optimizer, scheduler = self.optimizer(model.parameters(), epochs)
 
         def log_row(epoch, stats, steps):
             self.end_epoch(model, epoch, epochs, stats, optimizer)
 
-        fit(model, self.batches(data), optimizer, epochs, scheduler=scheduler, amp=self.cfg.amp,
-            transform=transform, on_epoch=log_row if log_rows else None, desc=desc)
+        fit(model, batches, optimizer, epochs, loss_fn=loss_fn, scheduler=scheduler,
+            amp=self.cfg.amp, transform=transform, on_epoch=log_row if log_rows else None,
+            desc=desc)
 
     def bd_test(self) -> ImageSet:
         """The backdoor test set: the attack's test selection (default: every test image not of the
@@ -279,8 +285,8 @@ def _attack(cfg, name: str, make_attack, spec, device, record_name: str, work: P
     if attack.train is not None:
         attack.train(ctx, model, bd_train.to(device))
     else:
-        ctx.fit(model, bd_train.to(device), cfg.epochs, attack.batch_transform,
-                desc=f"training {cfg.model}", log_rows=True)
+        ctx.fit(model, ctx.batches(bd_train.to(device)), cfg.epochs,
+                transform=attack.batch_transform, desc=f"training {cfg.model}")
     train_time = time.perf_counter() - start
 
     bd_test = ctx.bd_test()  # with the final state of a dynamic trigger
