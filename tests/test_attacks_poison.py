@@ -245,7 +245,7 @@ def test_sig_record(fashion, tmp_path):
     # 5,000 random images hold fewer than 500 of the target class: pratio 0.08 (400) fits.
     folder, summary = make_record(sig, tmp_path, "--pratio", 0.08)
     bd_test, clean = check_record(folder, summary, fashion, poisoned=400, clean_label=True,
-                                  min_asr=0.15)  # seeds 0-2 x 1-2 threads: 25-55 %
+                                  min_asr=0.15)  # seeds 0-2 x 1-2 threads: 25-59 %
     assert torch.equal(bd_test.images, sig.sig_poison(clean, 40, 6))
 
 

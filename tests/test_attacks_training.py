@@ -294,9 +294,9 @@ def test_blind_record_and_backdoor(tmp_path, fashion):
 def test_inputaware_record_and_backdoor(tmp_path, fashion):
     """One mask epoch and no cross-trigger samples (the input-specific version, cross_ratio 1,
     needs far more training). Whether four short epochs on 5,000 images learn the dynamic trigger
-    is a coin flip: ASR 5-80 % over seeds 0-2 x 1-2 threads, and still 5-74 % with 8 epochs or 23-98 %
-    with pratio 0.3 (seeds 1-2), so no ASR bound holds; the test holds the mechanism (every
-    test image carries its own trigger, masks cover a small part of the image) and the C-ACC. The
+    is a coin flip: ASR 5-80 % over seeds 0-2 (one thread), still 5-74 % with 8 epochs and 23-98 %
+    with pratio 0.3 (seeds 1-2), so no ASR bound holds; the test holds the mechanism (every test
+    image carries its own trigger, masks cover a small part of the image) and the C-ACC. The
     full-data record learns it (README, "Making a record")."""
     summary, bd_train, bd_test = make_record(inputaware, tmp_path, fashion, "--epochs", 4,
                                              "--lr", 0.05, "--mask_epochs", 1, "--cross_ratio", 0)

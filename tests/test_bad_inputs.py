@@ -37,7 +37,7 @@ import attack.badnet as badnet
 import defense.ulrl as ulrl
 from models import build_model
 import utils.data.datasets as datasets
-from tests.helpers import tiny_record
+from tests.helpers import HANG_GUARD_S, tiny_record
 from tests.helpers import write_fashion_mnist
 from utils.core.cli import main_guard
 from utils.core.config import Option, parse_config
@@ -379,13 +379,13 @@ def test_sigterm_during_relearning_cleans_up(record, data_root):
                              *ulrl_args(record, data_root, "--relearn_epochs", 100000)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S
         while not any("phase relearning" in p.read_text()
                       for p in out.parent.glob(".ulrl.tmp-*/.ulrl.log.*.tmp")):
             assert proc.poll() is None and time.monotonic() < deadline, "relearning never began"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from models import build_model
-from tests.helpers import tiny_record
+from tests.helpers import HANG_GUARD_S, tiny_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def ulrl(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "defense/ulrl.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def error_line(done) -> str:

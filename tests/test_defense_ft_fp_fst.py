@@ -167,7 +167,7 @@ def test_fst_reinitializes_the_head_and_keeps_its_norm(small_badnet_record, monk
     monkeypatch.setattr(fst, "reinitialize_head", spy_reinit)
     monkeypatch.setattr(fst, "project_to_norm", spy_project)
     summary, out = run_defense(fst, "fst", small_badnet_record)
-    # FST is known to remove BadNets; seeds 0-2 x 1-2 threads: ASR 0.11-0.28 %, C-ACC 76.2-76.6 %
+    # FST is known to remove BadNets; seeds 0-2 x 1-2 threads: ASR 0-0.28 %, C-ACC 76.2-76.6 %
     check("ASR", summary["after"]["test_asr"], "<", 0.05)
     check("C-ACC", summary["after"]["test_acc"], ">", 0.70)
     w_ori = original["linear.weight"]

@@ -51,9 +51,10 @@ def test_badnet_record_then_ulrl_removes_the_backdoor(record_dir, tmp_path):
     before, after = summary["before"], summary["after"]
     check("ASR before", before["test_asr"], ">", 0.90)
     check("ASR", after["test_asr"], "<", 0.10)
-    # seeds 0-2 x 1-2 threads: ASR after 0.09-0.90 %, C-ACC change -2.1 to -2.4 points
+    # seeds 0-2 x 1-2 threads: ASR after 0.09-0.90 %, C-ACC change -2.0 to -2.4 points
     check("C-ACC change", after["test_acc"] - before["test_acc"], ">=", -0.04)
-    check("target neuron 0 flagged", 0 in [f["neuron"] for f in summary["flagged_neurons"]], ">=", 1)
+    flagged = [f["neuron"] for f in summary["flagged_neurons"]]
+    check("target neuron 0 flagged", 0 in flagged, ">=", 1)
     assert summary["unlearning"]["reached_threshold"]
 
     out = record_dir / "badnet_fm/defense/ulrl"
@@ -119,13 +120,14 @@ def test_fast_path_agrees_with_the_plain_dataloader_path(record_dir):
     torchvision DataLoader (the public code's way). Same seed, same shuffles; the crops and flips
     come from different random streams, so metrics agree within tolerances, not bit for bit:
     both flag the target neuron, C-ACC within 2 points, ASR within 2 points and below 10 %.
-    Measured over seeds 0-2 x 1-2 threads: C-ACC 0.6-1.0 points apart, ASR 0-0.7 points."""
+    Measured over seeds 0-2 x 1-2 threads: C-ACC 0.6-1.1 points apart, ASR 0-0.7 points."""
     tensor = ulrl(record_dir, "badnet_fm")
     plain = ulrl(record_dir, "badnet_fm", "--loader", "dataloader")
     assert plain["config"]["loader"] == "dataloader"
     # The flagged sets themselves may differ beyond the target (seeds 0 and 1 on Intel did).
     for run in (plain, tensor):
-        check("target neuron 0 flagged", 0 in [f["neuron"] for f in run["flagged_neurons"]], ">=", 1)
+        flagged = [f["neuron"] for f in run["flagged_neurons"]]
+        check("target neuron 0 flagged", 0 in flagged, ">=", 1)
     assert plain["before"] == tensor["before"]  # evaluation does not depend on the loader
     check("|C-ACC plain - tensor|", abs(plain["after"]["test_acc"] - tensor["after"]["test_acc"]),
           "<=", 0.02)

@@ -32,7 +32,7 @@ from PIL import Image
 
 import defense.ulrl as ulrl
 import utils.defenses.run
-from tests.helpers import tiny_record
+from tests.helpers import HANG_GUARD_S, tiny_record
 from tests.hostile_helpers import HOSTILE_FILES, Call, image_with_state
 from tests.test_bad_inputs import (assert_no_result, data_root, edit_record, fails,  # noqa: F401
                                    record, smallcnn_state, ulrl_args)
@@ -190,17 +190,17 @@ def test_second_run_while_a_real_run_works(record, data_root):
                               *ulrl_args(record, data_root, "--relearn_epochs", 100000)],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD_S
         while not list((record / "defense").glob(".ulrl.tmp-*/.ulrl.log.*.tmp")):
             assert first.poll() is None and time.monotonic() < deadline, "the first run never began"
             time.sleep(0.1)
         second = subprocess.run([sys.executable, str(ROOT / "defense/ulrl.py"),
                                  *ulrl_args(record, data_root)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+                                text=True, timeout=HANG_GUARD_S)
         assert first.poll() is None
     finally:
         first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
+        first.wait(timeout=HANG_GUARD_S)
     assert second.returncode == 2
     [line] = second.stderr.strip().splitlines()
     assert line.startswith("error: another run is writing") and str(record) in line
@@ -221,7 +221,7 @@ def test_memory_bombs_stay_under_2_gib(tmp_path):
     """All of them loaded by one fresh process: its peak RSS (torch included) stays far below the
     2 GiB the issue allows; unbounded, the first alone took 3.8 GB."""
     done = subprocess.run([sys.executable, "-m", "tests.hostile_helpers", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(HOSTILE_FILES) and all("refused" in line for line in lines)

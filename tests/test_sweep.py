@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import tiny_record
+from tests.helpers import HANG_GUARD_S, tiny_record
 from utils.core.result_set import seal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def sh(script, *args, path_dirs=(), env=None):
     path = os.pathsep.join([*map(str, path_dirs), str(Path(sys.executable).parent),
                             os.environ["PATH"]])
     return subprocess.run(["bash", str(ROOT / "sh" / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "PATH": path, **(env or {})})
 
 

@@ -52,7 +52,10 @@ def open_folder(base, parts, create: bool):
                 if not create:
                     os.close(fd)
                     return None
-                os.mkdir(part, dir_fd=fd)
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:  # a concurrent run (another method) made it first
+                    pass
                 new = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
