@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, PoisoningAttack, run_attack  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 
@@ -24,7 +24,8 @@ def badnet_poison(images, patch_size: int = 3):
 def main(argv=None):
     cfg = parse_config(OPTIONS, "BadNets attack: writes a BackdoorBench-format record", argv)
     return run_attack(cfg, "badnet",
-                      lambda ctx: Attack(poison=lambda images: badnet_poison(images, cfg.patch_size)))
+                      lambda ctx: PoisoningAttack(
+                          poison=lambda images: badnet_poison(images, cfg.patch_size)))
 
 
 if __name__ == "__main__":

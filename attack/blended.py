@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, PoisoningAttack, run_attack  # noqa: E402
 from utils.attacks.triggers import blend, to_uint8  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -77,15 +77,15 @@ def blended_poison(images: torch.Tensor, pattern: torch.Tensor, alpha: float = 0
     return blend(images, pattern, alpha)
 
 
-def make_attack(ctx) -> Attack:
+def make_attack(ctx) -> PoisoningAttack:
     cfg = ctx.cfg
     require(0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}")
     height, width, _ = ctx.spec.image_size
     pattern = load_pattern(cfg.pattern, ctx.channels, height, width) if cfg.pattern \
         else procedural_pattern(ctx.channels, height, width)
-    return Attack(poison=lambda images: blended_poison(images, pattern, cfg.alpha),
-                  details={"alpha": cfg.alpha,
-                           "pattern": cfg.pattern or f"procedural (seed {PATTERN_SEED})"})
+    return PoisoningAttack(poison=lambda images: blended_poison(images, pattern, cfg.alpha),
+                           details={"alpha": cfg.alpha,
+                                    "pattern": cfg.pattern or f"procedural (seed {PATTERN_SEED})"})
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import find_classifier  # noqa: E402
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
 from utils.attacks.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -143,7 +143,7 @@ class BlindLoss:
                           for g, p in zip(grads, self.params)])
 
 
-def make_attack(ctx, cfg) -> Attack:
+def make_attack(ctx, cfg) -> ControlledAttack:
     height, width, _ = ctx.spec.image_size
     require(1 <= cfg.patch_size <= min(height, width) - MARGIN,
             f"--patch_size must be in 1..{min(height, width) - MARGIN} for {height}x{width} images")
@@ -155,7 +155,7 @@ def make_attack(ctx, cfg) -> Attack:
     else:
         summary.update(normal_weight=cfg.normal_weight, backdoor_weight=cfg.backdoor_weight)
 
-    def train(ctx, model, bd_train):
+    def train(ctx, model):
         pattern = blind_pattern(cfg.patch_size).float().div(255).expand(1, ctx.channels, -1, -1)
         loss = BlindLoss(cfg, model, normalize(pattern, ctx.preprocess).to(ctx.device),
                          ctx.spec.num_classes)
@@ -165,8 +165,8 @@ def make_attack(ctx, cfg) -> Attack:
         if cfg.loss_balance == "mgda" and loss.attacked:
             summary["mgda_clean_weight_mean"] = round(loss.alpha_sum / loss.attacked, 4)
 
-    return Attack(poison=lambda images: blind_poison(images, cfg.patch_size), train=train,
-                  details={"blind": summary})
+    return ControlledAttack(poison=lambda images: blind_poison(images, cfg.patch_size), train=train,
+                            details={"blind": summary})
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from utils.attacks.controlled import share, sub_generator  # noqa: E402
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 
@@ -113,21 +113,21 @@ class MixedBatches:
             yield x, y, idx
 
 
-def make_attack(ctx, cfg) -> Attack:
+def make_attack(ctx, cfg) -> ControlledAttack:
     require(2 <= cfg.squeeze_num <= 255, f"--squeeze_num must be in 2..255, got {cfg.squeeze_num}")
     require(cfg.neg_ratio >= 0, f"--neg_ratio must be >= 0, got {cfg.neg_ratio}")
 
     def poison(images):
         return bpp_poison(images, cfg.squeeze_num, cfg.dithering)
 
-    def train(ctx, model, bd_train):
+    def train(ctx, model):
         squeezed = poison(ctx.train.images).to(ctx.device)
         ctx.fit(model, MixedBatches(ctx, squeezed, cfg), cfg.epochs,
                 desc=f"training {cfg.model} (BPP)")
 
     details = {"bpp": {"squeeze_num": cfg.squeeze_num, "dithering": cfg.dithering,
                        "neg_ratio": cfg.neg_ratio}}
-    return Attack(poison=poison, train=train, details=details)
+    return ControlledAttack(poison=poison, train=train, details=details)
 
 
 def main(argv=None):

@@ -17,11 +17,11 @@ BatchNorm); the triggered image is x + m(x) (G(x) - x), with m(x) = M's output s
    of another image and keep their labels (so a trigger only works on its own image), the rest stay
    clean; loss = cross-entropy + lambda_div x the same diversity term on G's patterns. Victim: the
    project's SGD + cosine; G: Adam (betas 0.5, 0.9), lr_G, constant.
-The trigger depends on the trained generators (Attack.dynamic), so the test set is re-poisoned at
-every evaluation and bd_test holds every non-target test image with its final trigger. The record's
-bd_train holds a pratio share of non-target training images with the trigger and the target label;
-they are made before training, i.e. with the untrained generators, until utils/attacks/run.py re-poisons
-bd_train after training for dynamic attacks.
+The trigger depends on the trained generators (ControlledAttack.dynamic), so the test set is
+re-poisoned at every evaluation and bd_test holds every non-target test image with its final
+trigger. The record's bd_train holds a pratio share of non-target training images with the
+trigger of the trained generators and the target label (made after training, as for every
+training-controlled attack).
 
 Differs from the paper / BackdoorBench: smaller generators (CPU-sized) without BatchNorm (with it,
 the eval-mode generators that poison the test set lagged the train-mode ones the victim learnt
@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from utils.attacks.controlled import Stepped, apply_in_chunks, share, to_unit  # noqa: E402
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
 from utils.attacks.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -172,7 +172,7 @@ class TriggerMix:
         return F.cross_entropy(logits, y) + self.cfg.lambda_div * self.div
 
 
-def make_attack(ctx, cfg) -> Attack:
+def make_attack(ctx, cfg) -> ControlledAttack:
     require(cfg.mask_epochs >= 0, f"--mask_epochs must be >= 0, got {cfg.mask_epochs}")
     require(cfg.cross_ratio >= 0, f"--cross_ratio must be >= 0, got {cfg.cross_ratio}")
     height, width, _ = ctx.spec.image_size
@@ -188,7 +188,7 @@ def make_attack(ctx, cfg) -> Attack:
         return apply_in_chunks(lambda u: inputaware_poison(u, pattern_net, mask_net), images,
                                ctx.device, cfg.eval_batch_size)
 
-    def train(ctx, model, bd_train):
+    def train(ctx, model):
         data = ctx.train.to(ctx.device)
         details["inputaware"]["mask_training"] = train_mask(ctx, cfg, mask_net, data)
         mix = TriggerMix(ctx, cfg, pattern_net, mask_net)
@@ -198,7 +198,7 @@ def make_attack(ctx, cfg) -> Attack:
                 optimizer=Stepped(opt_victim, opt_pattern), scheduler=schedule,
                 desc=f"training {cfg.model} (InputAware)")
 
-    return Attack(poison=poison, train=train, dynamic=True, details=details)
+    return ControlledAttack(poison=poison, train=train, dynamic=True, details=details)
 
 
 def main(argv=None):

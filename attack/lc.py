@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
+    run_attack  # noqa: E402
 from utils.attacks.triggers import normalize, to_uint8  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -81,7 +82,7 @@ def pgd_hard(model, images: torch.Tensor, labels: torch.Tensor, preprocess, devi
     return out
 
 
-def make_attack(ctx) -> Attack:
+def make_attack(ctx) -> PoisoningAttack:
     cfg = ctx.cfg
     require(cfg.pgd_eps >= 0 and cfg.pgd_step_size >= 0 and cfg.pgd_steps >= 0,
             "--pgd_eps, --pgd_step_size and --pgd_steps must be >= 0")
@@ -106,8 +107,8 @@ def make_attack(ctx) -> Attack:
                  100 * details["clean_model_acc_after_pgd"])
         return corner_trigger(hard, cfg.checker_size)
 
-    return Attack(poison=lambda images: corner_trigger(images, cfg.checker_size),
-                  poison_train=poison_train, clean_label=True, details=details)
+    return PoisoningAttack(poison=lambda images: corner_trigger(images, cfg.checker_size),
+                           poison_train=poison_train, clean_label=True, details=details)
 
 
 def main(argv=None):

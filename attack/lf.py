@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
+    run_attack  # noqa: E402
 from utils.attacks.triggers import add_signal, normalize  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -111,7 +112,7 @@ def lf_poison(images: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
     return add_signal(images, trigger)
 
 
-def make_attack(ctx) -> Attack:
+def make_attack(ctx) -> PoisoningAttack:
     cfg = ctx.cfg
     require(0 < cfg.eps <= 255, f"--eps must be in (0, 255] pixel units, got {cfg.eps}")
     require(0 < cfg.cutoff <= 1, f"--cutoff must be in (0, 1], got {cfg.cutoff}")
@@ -127,10 +128,10 @@ def make_attack(ctx) -> Attack:
     log.info("LF trigger: %d passes, %.1f %% of %d images sent to the target by the clean model "
              "(test accuracy %.2f %%); L_inf %.1f", passes, 100 * rate, len(chosen),
              100 * clean_acc, trigger.abs().max())
-    return Attack(poison=lambda images: lf_poison(images, trigger),
-                  details={"eps": cfg.eps, "cutoff": cfg.cutoff, "trigger_passes": passes,
-                           "trigger_target_rate": rate, "clean_model_test_acc": clean_acc,
-                           "trigger_linf": round(trigger.abs().max().item(), 3)})
+    return PoisoningAttack(poison=lambda images: lf_poison(images, trigger),
+                           details={"eps": cfg.eps, "cutoff": cfg.cutoff, "trigger_passes": passes,
+                                    "trigger_target_rate": rate, "clean_model_test_acc": clean_acc,
+                                    "trigger_linf": round(trigger.abs().max().item(), 3)})
 
 
 def main(argv=None):

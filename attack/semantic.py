@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.attacks.run import ATTACK_OPTIONS, Attack, AttackContext, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, AttackContext, PoisoningAttack, \
+    run_attack  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.data.images import ImageSet  # noqa: E402
@@ -105,7 +106,7 @@ def find_cutoff(cfg, train: ImageSet) -> float:
     return torch.quantile(rule_statistic(cfg.rule, source, cfg.margin), cfg.quantile).item()
 
 
-def make_semantic(ctx: AttackContext) -> Attack:
+def make_semantic(ctx: AttackContext) -> PoisoningAttack:
     cfg = ctx.cfg
     classes = ctx.spec.num_classes
     require(0 <= cfg.source_class < classes,
@@ -138,8 +139,8 @@ def make_semantic(ctx: AttackContext) -> Attack:
                "source_test": source_test,
                "pratio_used": False,  # every subgroup member is relabelled, capped by max_poison
                "max_poison": cfg.max_poison}
-    return Attack(poison=lambda images: images.clone(), select_train=select_train,
-                  select_test=lambda test: test_group, details=details)
+    return PoisoningAttack(poison=lambda images: images.clone(), select_train=select_train,
+                           select_test=lambda test: test_group, details=details)
 
 
 def main(argv=None):

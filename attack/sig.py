@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, PoisoningAttack, run_attack  # noqa: E402
 from utils.attacks.triggers import add_signal  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -37,7 +37,7 @@ def sig_poison(images: torch.Tensor, delta: float = 40.0, frequency: float = 6.0
 def main(argv=None):
     cfg = parse_config(OPTIONS, "SIG clean-label attack: writes a BackdoorBench-format record",
                        argv)
-    return run_attack(cfg, "sig", lambda ctx: Attack(
+    return run_attack(cfg, "sig", lambda ctx: PoisoningAttack(
         poison=lambda images: sig_poison(images, cfg.delta, cfg.frequency), clean_label=True,
         details={"delta": cfg.delta, "frequency": cfg.frequency}))
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.attacks.run import ATTACK_OPTIONS, Attack, AttackContext, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, AttackContext, PoisoningAttack, \
+    run_attack  # noqa: E402
 from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, \
     train_stega  # noqa: E402
 from utils.core.cli import log, main_guard, progress, require  # noqa: E402
@@ -105,7 +106,7 @@ def _load(stega: Stega, path: Path, cfg) -> None:
                         f"{cfg.max_residual:g}: pass that value or a new path")
 
 
-def make_ssba(ctx: AttackContext) -> Attack:
+def make_ssba(ctx: AttackContext) -> PoisoningAttack:
     cfg = ctx.cfg
     stega, how = build_stega(ctx)
     stega.eval()
@@ -117,7 +118,7 @@ def make_ssba(ctx: AttackContext) -> Attack:
              len(sample))
     details = {"secret": "".join(str(int(b)) for b in secret), "max_residual": cfg.max_residual,
                **how, **quality, "quality_images": len(sample)}
-    return Attack(poison=lambda images: embed(stega, images, secret), details=details)
+    return PoisoningAttack(poison=lambda images: embed(stega, images, secret), details=details)
 
 
 def main(argv=None):

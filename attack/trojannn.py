@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import find_classifier  # noqa: E402
-from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
+    run_attack  # noqa: E402
 from utils.attacks.triggers import blend, normalize  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
@@ -108,7 +109,7 @@ def trojannn_poison(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Ten
     return blend(images, pattern, mask)
 
 
-def make_attack(ctx) -> Attack:
+def make_attack(ctx) -> PoisoningAttack:
     cfg = ctx.cfg
     require(0 < cfg.mask_fraction <= 1,
             f"--mask_fraction must be in (0, 1], got {cfg.mask_fraction}")
@@ -127,10 +128,10 @@ def make_attack(ctx) -> Attack:
     log.info("TrojanNN trigger: neurons %s, mean activation %.3f (target %.3f); clean model test "
              "accuracy %.2f %%", neurons.tolist(), facts["trigger_neuron_activation"],
              facts["trigger_neuron_target"], 100 * clean_acc)
-    return Attack(poison=lambda images: trojannn_poison(images, pattern, mask),
-                  details={"mask_side": int(mask[0, -1].sum().item()),
-                           "neurons": neurons.tolist(), **facts,
-                           "clean_model_test_acc": clean_acc})
+    return PoisoningAttack(poison=lambda images: trojannn_poison(images, pattern, mask),
+                           details={"mask_side": int(mask[0, -1].sum().item()),
+                                    "neurons": neurons.tolist(), **facts,
+                                    "clean_model_test_acc": clean_acc})
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from utils.attacks.controlled import share, sub_generator, unit_to_uint8  # noqa: E402
-from utils.attacks.run import ATTACK_OPTIONS, Attack, run_attack  # noqa: E402
+from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 
@@ -78,7 +78,7 @@ def noisy_grid(grid: torch.Tensor, n: int, generator: torch.Generator) -> torch.
     return (grid + noise / torch.tensor([width, height])).clamp(-1, 1)
 
 
-def make_attack(ctx, cfg) -> Attack:
+def make_attack(ctx, cfg) -> ControlledAttack:
     require(cfg.k >= 2, f"--k must be at least 2 (a k x k control grid), got {cfg.k}")
     require(cfg.cross_ratio >= 0, f"--cross_ratio must be >= 0, got {cfg.cross_ratio}")
     height, width, _ = ctx.spec.image_size
@@ -99,14 +99,15 @@ def make_attack(ctx, cfg) -> Attack:
             x[cross] = warp(x[cross], noisy_grid(grid, n_cross, noise_gen).to(x.device))
         return x, y
 
-    def train(ctx, model, bd_train):
+    def train(ctx, model):
         ctx.fit(model, ctx.batches(ctx.train.to(ctx.device)), cfg.epochs, transform=transform,
                 desc=f"training {cfg.model} (WaNet)")
 
     details = {"warp": {"k": cfg.k, "s": cfg.s, "grid_rescale": cfg.grid_rescale,
                         "cross_ratio": cfg.cross_ratio, "seed": cfg.seed,
                         "control_grid": control[0].tolist()}}
-    return Attack(poison=lambda images: wanet_poison(images, grid), train=train, details=details)
+    return ControlledAttack(poison=lambda images: wanet_poison(images, grid), train=train,
+                            details=details)
 
 
 def main(argv=None):

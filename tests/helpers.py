@@ -54,3 +54,28 @@ def have_fashion_mnist() -> bool:
 
 needs_fashion_mnist = pytest.mark.skipif(not have_fashion_mnist(),
                                          reason="Fashion-MNIST not installed (bash sh/install.sh)")
+
+
+def record_asr(folder: Path, bd_set: ImageSet) -> float:
+    """The record's model's attack success rate on the poisoned samples of `bd_set` (the share
+    predicted as their backdoor label), on the CPU."""
+    from utils.data.datasets import get_dataset
+    from utils.data.images import Preprocess
+    from utils.data.record import load_attack_record
+    from utils.training.train import accuracy, predict, record_model
+    record = load_attack_record(folder)
+    spec = get_dataset(record.clean_data)
+    model = record_model(record, record.state_dict, spec, torch.device("cpu"))
+    poisoned = bd_set.subset(bd_set.poisoned.nonzero().flatten())
+    preprocess = Preprocess(spec.mean, spec.std, poisoned.channels, hflip=False)
+    return accuracy(predict(model, poisoned, preprocess), poisoned.labels)
+
+
+def check_bd_train_is_poisoned_like_bd_test(folder: Path, bd_train: ImageSet,
+                                            bd_test: ImageSet) -> None:
+    """The record's bd_train carries the trigger the model learnt, as bd_test does: the model's
+    ASR on bd_train's poisoned samples is not far below its ASR on bd_test (samples the victim
+    trained on may score higher, so only a shortfall is bounded)."""
+    from tests.outcomes import check
+    check("ASR on bd_train - ASR on bd_test",
+          record_asr(folder, bd_train) - record_asr(folder, bd_test), ">=", -0.1)

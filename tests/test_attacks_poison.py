@@ -18,6 +18,7 @@ from utils.core.errors import UserError
 from utils.data.datasets import find_dataset_folder, load_clean_dataset
 from utils.data.images import Preprocess, convert_channels
 from utils.data.record import backdoor_set, load_attack_record
+from tests.helpers import check_bd_train_is_poisoned_like_bd_test
 from tests.outcomes import check, seed_args
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (1, 64, 64), (3, 64, 64)]
@@ -228,6 +229,7 @@ def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, 
     assert len(bd_test) == summary["bd_test_size"] > 800 and bd_test.poisoned.all()
     assert (bd_test.labels == TARGET).all() and (bd_test.true_labels != TARGET).all()
     check("ASR", summary["final"]["test_asr"], ">=", min_asr)
+    check_bd_train_is_poisoned_like_bd_test(folder, bd_train, bd_test)
     return bd_test, test.images[bd_test.index]
 
 
@@ -287,3 +289,13 @@ def test_lc_record(fashion, tmp_path):
     assert torch.equal(bd_test.images, lc.corner_trigger(clean, 3))
     check("clean model's accuracy drop by PGD", summary["clean_model_acc_before_pgd"] -
           summary["clean_model_acc_after_pgd"], ">", 0)
+
+
+@pytest.mark.outcome
+def test_badnet_record_bd_train_carries_the_learnt_trigger(small_badnet_record, fashion):
+    records, name = small_badnet_record
+    folder = records / name
+    record = load_attack_record(folder)
+    train, test = fashion
+    check_bd_train_is_poisoned_like_bd_test(folder, backdoor_set(record.bd_train, train, folder),
+                                            backdoor_set(record.bd_test, test, folder))

@@ -11,7 +11,7 @@ from attack import semantic, ssba
 from utils.attacks.run import AttackContext
 from utils.core.config import parse_config
 from utils.data.images import ImageSet
-from tests.helpers import needs_fashion_mnist
+from tests.helpers import check_bd_train_is_poisoned_like_bd_test, needs_fashion_mnist
 from tests.outcomes import SEED, check, seed_args
 from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega
 from utils.core.errors import UserError
@@ -188,8 +188,10 @@ def load(record_dir: Path, name: str):
     train = load_clean_dataset("fashion_mnist", ROOT / "data", train=True)
     test = load_clean_dataset("fashion_mnist", ROOT / "data", train=False)
     summary = json.loads((folder / "attack_summary.json").read_text())
-    return (summary, backdoor_set(record.bd_train, train, folder),
-            backdoor_set(record.bd_test, test, folder), train, test)
+    bd_train = backdoor_set(record.bd_train, train, folder)
+    bd_test = backdoor_set(record.bd_test, test, folder)
+    check_bd_train_is_poisoned_like_bd_test(folder, bd_train, bd_test)
+    return summary, bd_train, bd_test, train, test
 
 
 @needs_data

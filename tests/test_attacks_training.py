@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from attack import blind, bpp, inputaware, wanet
 from models import build_model
-from tests.helpers import have_fashion_mnist
+from tests.helpers import check_bd_train_is_poisoned_like_bd_test, have_fashion_mnist
 from utils.attacks.controlled import apply_in_chunks
 from utils.core.config import parse_config
 from utils.core.errors import UserError
@@ -236,6 +236,7 @@ def make_record(module, tmp_path, fashion, *args):
     assert (bd_test.true_labels != 0).all()
     saved = json.loads((folder / "attack_summary.json").read_text())
     assert saved["final"] == summary["final"] and len(summary["final"]) > 0
+    check_bd_train_is_poisoned_like_bd_test(folder, bd_train, bd_test)
     return summary, bd_train, bd_test
 
 

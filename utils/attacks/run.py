@@ -1,15 +1,20 @@
 """What every attack shares: options, choosing and poisoning a share of the training set, training
 the victim model, and writing a BackdoorBench-format record into record/<save_folder_name>/.
 
-An attack file builds an `Attack` (how to poison a uint8 image batch, plus optional hooks) and calls
-`run_attack(cfg, name, make_attack)`. `make_attack(ctx)` receives an `AttackContext` with the clean
-data, the device and helpers (a fresh victim model, a cached clean-trained model, the training loop),
-so attacks that need a model to build their trigger (LF, LC, TrojanNN) or train with their own loss
-(WaNet, BPP, InputAware, Blind) stay small files.
+Two kinds of attack. A poisoning attack (`PoisoningAttack`: BadNets, Blended, SIG, LC, LF, SSBA,
+TrojanNN, Semantic) only changes data: a share of the training set is poisoned and the victim is
+trained on it with the default loop. A training-controlled attack (`ControlledAttack`: WaNet, BPP,
+InputAware, Blind) owns the victim's training (`train(ctx, model)`, on the clean data, poisoning
+inside its batches or loss); its record's bd_train is poisoned after training, with the trained
+trigger, as bd_test is. An attack file builds one of them and calls `run_attack(cfg, name,
+make_attack)`. `make_attack(ctx)` receives an `AttackContext` with the clean data, the device and
+helpers (a fresh victim model, a cached clean-trained model, the training loop), so attacks that
+need a model to build their trigger (LF, LC, TrojanNN) or train with their own loss stay small
+files.
 
-Order of work: make_attack -> choose the poisoned training samples -> poison them -> train (the
-default loop, or the attack's `train`) -> poison the backdoor test set with the trained state (so
-generator-based triggers use their final generator) -> write the record.
+Order of work: make_attack -> choose the poisoned training samples -> poisoning attack: poison them,
+train on them; training-controlled attack: train, then poison them with the trained trigger ->
+poison the backdoor test set with the trained state -> write the record.
 """
 from __future__ import annotations
 
@@ -68,26 +73,42 @@ CLEAN_MODEL_OPTIONS = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Attack:
-    """What an attack supplies. Images are uint8 [N, C, H, W] on the CPU, in and out."""
-    poison: Callable[[torch.Tensor], torch.Tensor]  # the trigger, applied to backdoor test images
-    # Training samples get poison_train(images, labels) when given (e.g. LC's adversarial step),
-    # else poison(images).
-    poison_train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """What both kinds supply. Images are uint8 [N, C, H, W] on the CPU, in and out."""
+    poison: Callable[[torch.Tensor], torch.Tensor]  # the trigger (the trained one, after training)
     clean_label: bool = False  # poison target-class samples and keep their labels (SIG, LC)
     # Indices of the training samples to poison, instead of a pratio share of the eligible ones
     # (Semantic: a natural subgroup). select_train(train_set, generator) -> LongTensor.
     select_train: Callable[[ImageSet, torch.Generator], torch.Tensor] | None = None
     # Indices of the test samples forming the backdoor test set (default: not the target class).
     select_test: Callable[[ImageSet], torch.Tensor] | None = None
-    # Default training loop hook: (normalized inputs, labels) -> (inputs, labels), per batch.
-    batch_transform: Callable | None = None
-    # Whole training replaced (training-controlled attacks): train(ctx, model, bd_train_on_device).
-    # It should call ctx.end_epoch(...) once per epoch for the per-epoch rows.
-    train: Callable | None = None
-    dynamic: bool = False  # the trigger changes while training: re-poison the test set per epoch
     details: dict = field(default_factory=dict)  # extra facts for attack_summary.json
+
+    def poison_samples(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training samples' poisoning (bd_train)."""
+        return self.poison(images)
+
+
+@dataclass(kw_only=True)
+class PoisoningAttack(Attack):
+    """Poisons data only; the victim is trained on the poisoned training set by the default loop.
+    Training samples get poison_train(images, labels) when given (e.g. LC's adversarial step),
+    else poison(images)."""
+    poison_train: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def poison_samples(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.poison(images) if self.poison_train is None else self.poison_train(images,
+                                                                                      labels)
+
+
+@dataclass(kw_only=True)
+class ControlledAttack(Attack):
+    """Trains the victim itself: train(ctx, model) on ctx.train (clean), calling ctx.fit so every
+    epoch gets its evaluated row. The record's bd_train is poisoned after it, with the trained
+    trigger."""
+    train: Callable
+    dynamic: bool = False  # the trigger changes while training: re-poison the test set per epoch
 
 
 def poison_split(data: ImageSet, chosen: torch.Tensor, target: int, poison: Callable,
@@ -193,7 +214,7 @@ class AttackContext:
                             lambda images, labels: attack.poison(images))
 
     def evaluate(self, model) -> dict:
-        if self._eval is None or self.attack.dynamic:
+        if self._eval is None or isinstance(self.attack, ControlledAttack) and self.attack.dynamic:
             self._eval = (self.test.to(self.device), self.bd_test().to(self.device))
         return backdoor_metrics(model, *self._eval, self.preprocess,
                                 eval_batch_size(self.cfg.eval_batch_size, self.device),
@@ -275,18 +296,18 @@ def _attack(cfg, name: str, make_attack, spec, device, record_name: str, work: P
                         _seeded_part(test, cfg.test_size, gen))
     attack = ctx.attack = make_attack(ctx)
     chosen = _choose(ctx, attack)
-    bd_train = poison_split(ctx.train, chosen, cfg.attack_target,
-                            attack.poison_train or (lambda images, labels: attack.poison(images)),
-                            relabel=not attack.clean_label)
+    if isinstance(attack, PoisoningAttack):
+        bd_train = poison_split(ctx.train, chosen, cfg.attack_target, attack.poison_samples,
+                                relabel=not attack.clean_label)
+        model = ctx.new_model()
+        ctx.fit(model, ctx.batches(bd_train.to(device)), cfg.epochs, desc=f"training {cfg.model}")
+    else:  # the attacker's own training on the clean data, then bd_train with the trained trigger
+        model = ctx.new_model()
+        attack.train(ctx, model)
+        bd_train = poison_split(ctx.train, chosen, cfg.attack_target, attack.poison_samples,
+                                relabel=not attack.clean_label)
     log.info("%s on %s/%s: %d of %d training images poisoned%s", name, spec.name, cfg.model,
              len(chosen), len(ctx.train), " (clean-label)" if attack.clean_label else "")
-
-    model = ctx.new_model()
-    if attack.train is not None:
-        attack.train(ctx, model, bd_train.to(device))
-    else:
-        ctx.fit(model, ctx.batches(bd_train.to(device)), cfg.epochs,
-                transform=attack.batch_transform, desc=f"training {cfg.model}")
     train_time = time.perf_counter() - start
 
     bd_test = ctx.bd_test()  # with the final state of a dynamic trigger
