@@ -17,7 +17,7 @@ from models import build_model
 from utils.core.errors import UserError
 from utils.data.datasets import find_dataset_folder, load_clean_dataset
 from utils.data.images import Preprocess, convert_channels
-from utils.data.record import backdoor_set, load_attack_record
+from utils.data.record import load_attack_record
 from tests.outcomes import check, seed_args
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (1, 64, 64), (3, 64, 64)]
@@ -213,8 +213,8 @@ def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, 
     backdoor test set and the clean test images it was made from."""
     train, test = fashion
     record = load_attack_record(folder)
-    bd_train = backdoor_set(record.bd_train, train, folder)
-    bd_test = backdoor_set(record.bd_test, test, folder)
+    bd_train = record.bd_train.images(train)
+    bd_test = record.bd_test.images(test)
     flagged = bd_train.poisoned
     assert len(bd_train) == 5000
     assert summary["poisoned_train"] == poisoned == int(flagged.sum())

@@ -16,7 +16,7 @@ from tests.outcomes import SEED, check, seed_args
 from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega
 from utils.core.errors import UserError
 from utils.data.datasets import get_dataset, load_clean_dataset
-from utils.data.record import backdoor_set, load_attack_record, safe_load
+from utils.data.record import load_attack_record, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 28), (3, 32), (3, 64)]
@@ -188,8 +188,8 @@ def load(record_dir: Path, name: str):
     train = load_clean_dataset("fashion_mnist", ROOT / "data", train=True)
     test = load_clean_dataset("fashion_mnist", ROOT / "data", train=False)
     summary = json.loads((folder / "attack_summary.json").read_text())
-    return (summary, backdoor_set(record.bd_train, train, folder),
-            backdoor_set(record.bd_test, test, folder), train, test)
+    return (summary, record.bd_train.images(train),
+            record.bd_test.images(test), train, test)
 
 
 @needs_data
