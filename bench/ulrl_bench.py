@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from defense.ulrl import main as ulrl_main  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.core.cli import log, setup_console_logging  # noqa: E402
-from utils.data.datasets import DatasetSpec, get_dataset, register_dataset  # noqa: E402
+from utils.data.datasets import DatasetSpec, from_arrays, get_dataset, register_dataset  # noqa: E402
 from utils.data.images import ImageSet  # noqa: E402
 from utils.data.record import save_attack_record  # noqa: E402
 
@@ -49,13 +49,14 @@ def synthetic_record(root: Path, like: str, model: str) -> tuple[str, Path]:
     def load(folder, train):
         n = sizes[0] if train else sizes[1]
         gen = torch.Generator().manual_seed(int(train))
-        return ImageSet(torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=gen),
-                        torch.randint(0, spec.num_classes, (n,), generator=gen))
+        return from_arrays(
+            torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=gen).numpy(),
+            torch.randint(0, spec.num_classes, (n,), generator=gen).numpy())
 
     register_dataset(DatasetSpec(name, spec.num_classes, spec.image_size, spec.mean, spec.std,
                                  spec.hflip, load))
     (root / "data" / name).mkdir(parents=True)
-    test = load(None, False)
+    test = load(None, False).subset()
     keep = (test.labels != 0).nonzero().flatten()[:9000]
     images = test.images[keep].clone()
     images[..., -3:, -3:] = 255  # a BadNets-style patch, as PNGs on disk like a real record

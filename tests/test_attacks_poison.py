@@ -17,7 +17,7 @@ from models import build_model
 from utils.core.errors import UserError
 from utils.data.datasets import find_dataset_folder, load_clean_dataset
 from utils.data.images import Preprocess, convert_channels
-from utils.data.record import backdoor_set, load_attack_record
+from utils.data.record import load_attack_record
 from tests.helpers import check_bd_train_is_poisoned_like_bd_test
 from tests.outcomes import check, seed_args
 
@@ -214,8 +214,8 @@ def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, 
     backdoor test set and the clean test images it was made from."""
     train, test = fashion
     record = load_attack_record(folder)
-    bd_train = backdoor_set(record.bd_train, train, folder)
-    bd_test = backdoor_set(record.bd_test, test, folder)
+    bd_train = record.bd_train.images(train)
+    bd_test = record.bd_test.images(test)
     flagged = bd_train.poisoned
     assert len(bd_train) == 5000
     assert summary["poisoned_train"] == poisoned == int(flagged.sum())
@@ -297,5 +297,5 @@ def test_badnet_record_bd_train_carries_the_learnt_trigger(small_badnet_record, 
     folder = records / name
     record = load_attack_record(folder)
     train, test = fashion
-    check_bd_train_is_poisoned_like_bd_test(folder, backdoor_set(record.bd_train, train, folder),
-                                            backdoor_set(record.bd_test, test, folder))
+    check_bd_train_is_poisoned_like_bd_test(folder, record.bd_train.images(train),
+                                            record.bd_test.images(test))

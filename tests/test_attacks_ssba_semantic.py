@@ -16,7 +16,7 @@ from tests.outcomes import SEED, check, seed_args
 from utils.attacks.stega import Stega, embed, embedding_quality, secret_bits, train_stega
 from utils.core.errors import UserError
 from utils.data.datasets import get_dataset, load_clean_dataset
-from utils.data.record import backdoor_set, load_attack_record, safe_load
+from utils.data.record import load_attack_record, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 28), (3, 32), (3, 64)]
@@ -188,8 +188,7 @@ def load(record_dir: Path, name: str):
     train = load_clean_dataset("fashion_mnist", ROOT / "data", train=True)
     test = load_clean_dataset("fashion_mnist", ROOT / "data", train=False)
     summary = json.loads((folder / "attack_summary.json").read_text())
-    bd_train = backdoor_set(record.bd_train, train, folder)
-    bd_test = backdoor_set(record.bd_test, test, folder)
+    bd_train, bd_test = record.bd_train.images(train), record.bd_test.images(test)
     check_bd_train_is_poisoned_like_bd_test(folder, bd_train, bd_test)
     return summary, bd_train, bd_test, train, test
 

@@ -16,7 +16,7 @@ from utils.core.config import parse_config
 from utils.core.errors import UserError
 from utils.data.datasets import get_dataset, load_clean_dataset
 from utils.data.images import Preprocess
-from utils.data.record import backdoor_set, load_attack_record
+from utils.data.record import load_attack_record
 from tests.outcomes import SEED, check, seed_args
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 32, 32), (3, 32, 32), (3, 64, 64)]
@@ -224,8 +224,8 @@ def make_record(module, tmp_path, fashion, *args):
     folder = tmp_path / "r"
     record = load_attack_record(folder)
     clean_train, clean_test = fashion
-    bd_train = backdoor_set(record.bd_train, clean_train, folder)
-    bd_test = backdoor_set(record.bd_test, clean_test, folder)
+    bd_train = record.bd_train.images(clean_train)
+    bd_test = record.bd_test.images(clean_test)
     assert summary["poisoned_train"] == 500 == int(bd_train.poisoned.sum())
     assert len(bd_train) == 5000
     flagged = bd_train.poisoned

@@ -349,11 +349,9 @@ def test_pickle_protocols_of_valid_records_load(tmp_path, protocol, legacy):
                _use_new_zipfile_serialization=not legacy)
     loaded = load_attack_record(folder)
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in expected.state_dict.items())
-    items = loaded.bd_train["bd_data_container"]["data_dict"]
-    assert [img.tobytes() for img, *_ in items.values()] == \
-        [img.tobytes() for img, *_ in expected.bd_train["bd_data_container"]["data_dict"].values()]
-    assert np.array_equal(loaded.bd_test["original_index_array"],
-                          expected.bd_test["original_index_array"])
+    assert [img.tobytes() for img, *_ in loaded.bd_train.entries.values()] == \
+        [img.tobytes() for img, *_ in expected.bd_train.entries.values()]
+    assert np.array_equal(loaded.bd_test.order, expected.bd_test.order)
 
 
 @pytest.mark.parametrize("option, value, expected", [

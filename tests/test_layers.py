@@ -121,3 +121,27 @@ def test_scripts_are_not_libraries(path):
     (RNP's and ULRL's unlearning, say) belongs in a kit."""
     assert [target for _, target in imported_modules(path)
             if target.split(".")[0] in ("attack", "defense")] == []
+
+
+# BackdoorBench's dataset-state keys: the record format's internals, which only the data layer
+# (utils/data/split.py, utils/data/record.py) may name. Everything above it gets typed splits.
+STATE_KEYS = ("original_index_array", "poison_indicator", "bd_data_container", "data_dict")
+
+
+def state_key_uses(path: Path) -> list[str]:
+    """Lines of `path` that name a dataset-state key, in code or prose alike."""
+    return [f"{path.relative_to(ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+            if any(key in line for key in STATE_KEYS)]
+
+
+def test_only_the_data_layer_reads_backdoorbench_dataset_states():
+    outside = [p for p in source_files() if (ROOT / "utils" / "data") not in p.parents]
+    assert [use for p in outside for use in state_key_uses(p)] == []
+
+
+def test_the_state_key_check_catches_a_leak(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    leak = tmp_path / "utils" / "defenses" / "x.py"
+    leak.parent.mkdir(parents=True)
+    leak.write_text("order = state['original_index_array']\n")
+    assert state_key_uses(leak) == ["utils/defenses/x.py:1"]

@@ -14,8 +14,9 @@ from models import strip_module_prefix
 from utils.core.errors import UserError
 from utils.core.io import torch_save
 from utils.data.images import ImageSet
-from utils.data.record import (backdoor_set, dataset_state, load_attack_record, load_defense_result,
-                          safe_load, save_attack_record, save_defense_result)
+from utils.data.record import (load_attack_record, load_defense_result, safe_load,
+                               save_attack_record, save_defense_result)
+from utils.data.split import dataset_state, parse_split
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 N = 20
@@ -83,8 +84,8 @@ def test_round_trip(tmp_path, shape, mode):
     assert rec.data_path == "./data/cifar10" and rec.img_size == (shape[1], shape[2], shape[0])
     assert rec.state_dict.keys() == sd.keys()
     assert all(torch.equal(rec.state_dict[k], sd[k]) for k in sd)
-    assert_same(backdoor_set(rec.bd_train, clean_train, rec.folder), train)
-    assert_same(backdoor_set(rec.bd_test, clean_test, rec.folder), test)
+    assert_same(rec.bd_train.images(clean_train), train)
+    assert_same(rec.bd_test.images(clean_test), test)
 
 
 @pytest.mark.parametrize("mode", ["disk", "ram"])
@@ -132,34 +133,31 @@ def test_moved_renamed_record_loads_from_elsewhere(tmp_path, monkeypatch):
     shutil.move(tmp_path / "a" / "rec", moved)
     monkeypatch.chdir(tmp_path / "a")
     rec = load_attack_record(moved)
-    assert_same(backdoor_set(rec.bd_train, clean_train, moved), train)
-    assert_same(backdoor_set(rec.bd_test, clean_test, moved), test)
+    assert_same(rec.bd_train.images(clean_train), train)
+    assert_same(rec.bd_test.images(clean_test), test)
 
 
 def test_absolute_and_folder_relative_paths(tmp_path):
     folder = tmp_path / "rec"
     _, _, (_, clean_test), (_, test) = save(folder, (3, 32, 32))
-    state = load_attack_record(folder).bd_test
-    data = state["bd_data_container"]["data_dict"]
-    for i, value in enumerate(data.values()):
+    split = load_attack_record(folder).bd_test
+    for i, value in enumerate(split.entries.values()):
         rel = value["path"].split("/", 3)[3]  # drop './record/rec/'
         value["path"] = str(folder / rel) if i % 2 else rel
-    assert_same(backdoor_set(state, clean_test, folder), test)
+    assert_same(split.images(clean_test), test)
 
 
 @pytest.mark.parametrize("key_type", [np.int64, int])
 def test_int64_and_int_keys(tmp_path, key_type):
     folder = tmp_path / "rec"
     _, _, (clean_train, _), (train, _) = save(folder, (3, 32, 32), "ram")
-    rec = load_attack_record(folder)
-    container = rec.bd_train["bd_data_container"]
+    raw = torch.load(folder / "attack_result.pt", weights_only=False)
+    container = raw["bd_train"]["bd_data_container"]
     container["data_dict"] = {key_type(int(k)): v for k, v in container["data_dict"].items()}
-    torch_save(folder / "attack_result.pt", {**torch.load(folder / "attack_result.pt",
-                                                          weights_only=False),
-                                             "bd_train": rec.bd_train})
+    torch_save(folder / "attack_result.pt", raw)
     rec = load_attack_record(folder)
-    assert all(type(k) is key_type for k in rec.bd_train["bd_data_container"]["data_dict"])
-    assert_same(backdoor_set(rec.bd_train, clean_train, folder), train)
+    assert all(type(k) is key_type for k in rec.bd_train.entries)
+    assert_same(rec.bd_train.images(clean_train), train)
 
 
 @pytest.mark.parametrize("mode", ["disk", "ram"])
@@ -174,8 +172,8 @@ def test_numpy1_pickle_loads(tmp_path, mode):
     raw = path.read_bytes()
     assert b"numpy.core.multiarray" in raw and b"numpy._core" not in raw
     rec = load_attack_record(folder)
-    assert_same(backdoor_set(rec.bd_train, clean_train, folder), train)
-    assert_same(backdoor_set(rec.bd_test, clean_test, folder), test)
+    assert_same(rec.bd_train.images(clean_train), train)
+    assert_same(rec.bd_test.images(clean_test), test)
 
 
 class Evil:
@@ -267,25 +265,24 @@ def test_path_escaping_record_folder_is_refused(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")  # exists, so only the check stops it
     for bad in ("./record/rec/../../../outside.png", "../outside.png",
                 str(folder / ".." / "outside.png")):
-        state = load_attack_record(folder).bd_test
-        value = next(iter(state["bd_data_container"]["data_dict"].values()))
+        split = load_attack_record(folder).bd_test
+        value = next(iter(split.entries.values()))
         value["path"] = bad
         with pytest.raises(UserError, match=r"outside the record folder|contains '\.\.'"):
-            backdoor_set(state, clean_test, folder)
+            split.images(clean_test)
 
 
 def test_missing_png_and_size_mismatch(tmp_path):
     folder = tmp_path / "rec"
     _, _, (_, clean_test), _ = save(folder, (3, 32, 32))
-    state = load_attack_record(folder).bd_test
+    split = load_attack_record(folder).bd_test
     with pytest.raises(UserError, match="28x28"):
-        backdoor_set(state, ImageSet(torch.zeros(N, 3, 28, 28, dtype=torch.uint8),
-                                     clean_test.labels), folder)
-    victim = next(iter(state["bd_data_container"]["data_dict"].values()))["path"]
+        split.images(ImageSet(torch.zeros(N, 3, 28, 28, dtype=torch.uint8), clean_test.labels))
+    victim = next(iter(split.entries.values()))["path"]
     png = folder / victim.split("/", 3)[3]
     png.unlink()
     with pytest.raises(UserError, match=re.escape(str(png))):
-        backdoor_set(state, clean_test, folder)
+        split.images(clean_test)
 
 
 @pytest.mark.parametrize("pil_mode", ["L", "RGBA", "P"])
@@ -295,7 +292,7 @@ def test_ram_images_in_other_modes_are_converted(tmp_path, pil_mode):
     state = dataset_state(bd, N, "rec", "bd_test", tmp_path, mode="ram")
     for key, (img, *labels) in state["bd_data_container"]["data_dict"].items():
         state["bd_data_container"]["data_dict"][key] = (img.convert(pil_mode), *labels)
-    out = backdoor_set(state, clean, tmp_path)
+    out = parse_split(state, tmp_path).images(clean)
     assert out.images.shape == bd.images.shape and torch.equal(out.labels, bd.labels)
     if pil_mode == "RGBA":
         assert torch.equal(out.images, bd.images)

@@ -11,8 +11,10 @@ from defense.ulrl import main
 from models import build_model
 from utils.core.errors import UserError
 from utils.data.images import ImageSet, Preprocess
-from utils.data.record import dataset_state, save_attack_record
+from utils.data.record import save_attack_record
+from utils.data.split import dataset_state, parse_split
 from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
+from utils.defenses.run import DefenseRun
 from utils.training.train import Batches, backdoor_metrics, cross_entropy, train_epoch
 from tests.helpers import tiny_record
 
@@ -43,8 +45,8 @@ def world(tmp_path):
     images[poison] = with_trigger(images[poison])
     bd_train = ImageSet(images, torch.where(poison, 0, labels), labels.clone(), poison,
                         torch.arange(400))
-    record = SimpleNamespace(bd_train=dataset_state(bd_train, 400, "r", "bd_train", tmp_path,
-                                                    mode="ram"), folder=tmp_path, num_classes=4)
+    state = dataset_state(bd_train, 400, "r", "bd_train", tmp_path, mode="ram")
+    record = SimpleNamespace(bd_train=parse_split(state, tmp_path, num_classes=4))
     test_labels = torch.randint(1, 4, (300,), generator=gen)
     clean_test = ImageSet(striped(test_labels, gen), test_labels)
     bd_test = ImageSet(with_trigger(clean_test.images), torch.zeros(300, dtype=torch.long),
@@ -57,9 +59,10 @@ def world(tmp_path):
         train_epoch(model, Batches(clean_train, preprocess, 32, shuffle=True, augment=False),
                     optimizer, cross_entropy, amp=False)
     cfg = SimpleNamespace(**{k: o.default for k, o in RETUNE_OPTIONS.items()}, seed=0,
-                          batch_size=16, amp=False)
+                          batch_size=16, amp=False, loader="tensor")
     run = SimpleNamespace(cfg=cfg, model=model, preprocess=preprocess, evaluate=lambda m=None:
                           backdoor_metrics(m or model, clean_test, bd_test, preprocess, 256, False))
+    run.batches = lambda augment=True, data=None: DefenseRun.batches(run, augment, data)
     return SimpleNamespace(run=run, record=record, clean_train=clean_train, bd_train=bd_train,
                            defense=clean_train.subset(torch.arange(100)))
 
@@ -92,6 +95,23 @@ def test_retuning_a_copy_teaches_the_backdoor_to_a_clean_model(world):
     assert result["poisoned_samples"] == 20 and result["clean_samples"] == 100
     assert all(torch.equal(w, p) for w, p in zip(weights, run.model.parameters()))
     assert run.evaluate() == before  # the defended model itself is untouched
+
+
+def test_the_check_takes_its_batches_from_the_runs_loader(world, monkeypatch):
+    """--loader dataloader holds for the retuning check too (it built its own Batches before)."""
+    import utils.data.loader as loader
+    used = []
+
+    class Spy(loader.DataLoaderBatches):
+        def __init__(self, data, *args, **kwargs):
+            used.append(len(data))
+            super().__init__(data, *args, **kwargs)
+    monkeypatch.setattr(loader, "DataLoaderBatches", Spy)
+    run = world.run
+    run.cfg.loader, run.cfg.retune_epochs = "dataloader", 1
+    run.retune_set = retune_set(world.record, world.clean_train, world.defense, run.cfg, 1)
+    retune_check(run)
+    assert used == [len(run.retune_set)]
 
 
 def test_a_record_without_bd_train_is_refused_before_the_defense_runs(tmp_path):

@@ -34,6 +34,11 @@ class ImageSet:
     def channels(self) -> int:
         return self.images.shape[1]
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W), as utils.data.datasets.CleanSplit has it before decoding."""
+        return tuple(self.images.shape[1:])
+
     def subset(self, idx) -> "ImageSet":
         idx = torch.as_tensor(idx, dtype=torch.long)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from utils.core.cli import log, require
 from utils.core.config import Option
+from utils.data.datasets import CleanSplit
 from utils.data.images import ImageSet
-from utils.data.record import backdoor_set, poisoned_order
-from utils.training.train import Batches, fit
+from utils.training.train import fit
 
 RETUNE_OPTIONS = {
     "retune_check": Option(False, "after the defense, fine-tune a copy of the purified model on "
@@ -45,10 +44,11 @@ RETUNE_OPTIONS = {
 }
 
 
-def retune_set(record, clean_train: ImageSet, defense_data: ImageSet, cfg,
+def retune_set(record, clean_train: CleanSplit | ImageSet, defense_data: ImageSet, cfg,
                channels: int) -> ImageSet:
     """The mixed retuning set, on defense_data's device. Only the chosen poisoned images are
-    decoded from the record."""
+    decoded from the record, and no image of clean_train (the defense subset holds the clean
+    ones; clean_train's length checks the record's indices)."""
     require(record.bd_train is not None,
             "--retune_check needs the record's poisoned training set (bd_train), which this record "
             "does not keep: rerun without --retune_check")
@@ -58,18 +58,15 @@ def retune_set(record, clean_train: ImageSet, defense_data: ImageSet, cfg,
     n_clean = cfg.retune_clean or len(defense_data)
     require(n_clean <= len(defense_data), f"--retune_clean {n_clean} exceeds the "
             f"{len(defense_data)} defense images: lower it or raise --ratio")
-    state = record.bd_train
-    order, flags = poisoned_order(state, len(clean_train), record.folder)
-    candidates = order[flags]
+    split = record.bd_train
+    n_candidates = len(split.poisoned_positions())
     n_poison = max(1, round(cfg.retune_poison_ratio * n_clean))
-    require(n_poison <= len(candidates), f"the retuning check wants {n_poison} poisoned images "
-            f"but the record's bd_train has {len(candidates)}: lower --retune_poison_ratio")
+    require(n_poison <= n_candidates, f"the retuning check wants {n_poison} poisoned images "
+            f"but the record's bd_train has {n_candidates}: lower --retune_poison_ratio")
     generator = torch.Generator().manual_seed(cfg.seed)
     clean = defense_data.subset(torch.randperm(len(defense_data), generator=generator)[:n_clean]
                                 .to(defense_data.images.device))
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:n_poison].numpy()]
-    poisoned = backdoor_set({**state, "original_index_array": np.sort(chosen)}, clean_train,
-                            record.folder, record.num_classes)
+    poisoned = split.images(clean_train, split.sample_poisoned(n_poison, generator))
     poisoned = poisoned.with_channels(channels).to(defense_data.images.device)
     return ImageSet(torch.cat([clean.images, poisoned.images]),
                     torch.cat([clean.labels, poisoned.labels]),
@@ -78,11 +75,11 @@ def retune_set(record, clean_train: ImageSet, defense_data: ImageSet, cfg,
 
 
 def retune_check(run) -> dict:
-    """Fine-tune a copy of run.model on run.retune_set; C-ACC, ASR and RA of the copy."""
+    """Fine-tune a copy of run.model on run.retune_set, with batches from the run's own source
+    (so --loader holds here too); C-ACC, ASR and RA of the copy."""
     cfg, data = run.cfg, run.retune_set
     model = copy.deepcopy(run.model)
-    batches = Batches(data, run.preprocess, cfg.batch_size, shuffle=True, augment=True,
-                      seed=cfg.seed)
+    batches = run.batches(data=data)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.retune_lr, momentum=0.9)
     done = fit(model, batches, optimizer, cfg.retune_epochs, amp=cfg.amp)
     metrics = run.evaluate(model)

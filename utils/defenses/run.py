@@ -18,9 +18,9 @@ from utils.core.config import Option
 from utils.core.errors import UserError, shown
 from utils.core.io import write_csv, write_json, write_text
 from utils.core.result_set import ResultSet, check_output_folder, seal
-from utils.data.datasets import get_dataset, load_clean_dataset
-from utils.data.images import Preprocess
-from utils.data.record import backdoor_set, load_attack_record, save_defense_result
+from utils.data.datasets import clean_split, get_dataset
+from utils.data.images import ImageSet, Preprocess
+from utils.data.record import load_attack_record, save_defense_result
 from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
 from utils.training.train import Batches, backdoor_metrics, eval_batch_size, record_model, \
     resolve_device
@@ -168,9 +168,11 @@ class DefenseRun:
             self.model.compile()  # in place: parameter names and the classifier stay the same
         self.linear_name, self.linear = find_classifier(self.model, record.num_classes,
                                                         cfg.linear_name)
-        clean_train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
-        clean_test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
-        bd_test = backdoor_set(record.bd_test, clean_test, self.folder, record.num_classes)
+        # Only the images the run uses are decoded: the whole test split (evaluated), the defense
+        # subset and the retuning set's images of the training split.
+        clean_train = clean_split(spec.name, cfg.dataset_path, train=True)
+        clean_test = clean_split(spec.name, cfg.dataset_path, train=False).subset()
+        bd_test = record.bd_test.images(clean_test)
         self.subset_index = select_subset(len(clean_train), cfg)
         require(len(self.subset_index) >= record.num_classes,
                 f"the defense subset has {len(self.subset_index)} images, fewer than the "
@@ -195,15 +197,16 @@ class DefenseRun:
                  len(self.defense_data), len(self.clean_test), len(self.bd_test))
         self.times["load"] = time.perf_counter() - t0
 
-    def batches(self, augment: bool = True):
-        """Shuffled, augmented mini-batches of the defense subset (same loader for every phase)."""
-        cfg = self.cfg
+    def batches(self, augment: bool = True, data: ImageSet | None = None):
+        """Shuffled, augmented mini-batches of `data` (default the defense subset): the one batch
+        source of every phase, the retuning check's included, so --loader applies to all."""
+        cfg, data = self.cfg, self.defense_data if data is None else data
         if cfg.loader == "dataloader":
             from utils.data.loader import DataLoaderBatches
-            return DataLoaderBatches(self.defense_data, self.preprocess, cfg.batch_size,
-                                     shuffle=True, augment=augment, seed=cfg.seed)
-        return Batches(self.defense_data, self.preprocess, cfg.batch_size, shuffle=True,
-                       augment=augment, seed=cfg.seed)
+            return DataLoaderBatches(data, self.preprocess, cfg.batch_size, shuffle=True,
+                                     augment=augment, seed=cfg.seed)
+        return Batches(data, self.preprocess, cfg.batch_size, shuffle=True, augment=augment,
+                       seed=cfg.seed)
 
     def evaluate(self, model=None, test_sets=None) -> dict:
         """C-ACC, ASR, RA on the full test sets (or on `test_sets` = (clean, backdoor))."""

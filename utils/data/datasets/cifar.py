@@ -15,11 +15,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from utils.core.errors import UserError
-from utils.data.datasets import DatasetSpec, first_missing, register_dataset
-from utils.data.images import ImageSet
+from utils.data.datasets import CleanSplit, DatasetSpec, first_missing, from_arrays, register_dataset
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -74,11 +72,11 @@ def read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load(subdir: str, train_files: tuple[str, ...], test_files: tuple[str, ...], label_key: str,
-          folder: Path, train: bool) -> ImageSet:
+          folder: Path, train: bool) -> CleanSplit:
     parts = [read_batch(folder / subdir / f, label_key) for f in (train_files if train else test_files)]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+    return from_arrays(images, labels)
 
 
 def _spec(name, num_classes, mean, std, hflip, subdir, train_files, test_files, label_key, url):

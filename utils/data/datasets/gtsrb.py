@@ -11,12 +11,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from utils.core.errors import UserError
-from utils.data.datasets import DatasetSpec, read_images, register_dataset
-from utils.data.images import ImageSet
+from utils.data.datasets import CleanSplit, DatasetSpec, from_files, register_dataset
 
 IMAGE_SUFFIXES = {".ppm", ".png", ".jpg", ".jpeg", ".bmp"}
 SIZE = (32, 32, 3)
@@ -59,14 +55,12 @@ def _check(folder: Path) -> str | None:
     return None
 
 
-def _load(folder: Path, train: bool) -> ImageSet:
+def _load(folder: Path, train: bool) -> CleanSplit:
     items = _train_items(folder) if train else read_csv(folder / "Test" / "GT-final_test.csv")
     if not items:
         raise UserError(f"no {'train' if train else 'test'} images listed in {folder}: "
                         "download the data set again")
-    images = read_images([p for p, _ in items], SIZE)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+    return from_files([p for p, _ in items], [c for _, c in items], SIZE)
 
 
 GTSRB = register_dataset(DatasetSpec(

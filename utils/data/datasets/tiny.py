@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from utils.core.errors import UserError
-from utils.data.datasets import DatasetSpec, read_images, register_dataset
-from utils.data.images import ImageSet
+from utils.data.datasets import CleanSplit, DatasetSpec, from_files, register_dataset
 
 ROOT = "tiny-imagenet-200"
 SIZE = (64, 64, 3)
@@ -61,7 +57,7 @@ def _check(folder: Path) -> str | None:
     return None
 
 
-def _load(folder: Path, train: bool) -> ImageSet:
+def _load(folder: Path, train: bool) -> CleanSplit:
     root = folder / ROOT
     classes = _classes(root)
     index = {wnid: i for i, wnid in enumerate(classes)}
@@ -71,9 +67,7 @@ def _load(folder: Path, train: bool) -> ImageSet:
         items = _val_items(root, index)
     if not items:
         raise UserError(f"no {'train' if train else 'val'} images found in {root}: unpack the data set again")
-    images = read_images([p for p, _ in items], SIZE)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+    return from_files([p for p, _ in items], [c for _, c in items], SIZE)
 
 
 TINY = register_dataset(DatasetSpec(
