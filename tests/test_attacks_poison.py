@@ -205,7 +205,10 @@ def make_record(module, tmp_path, *args):
                  "--dataset_path", str(DATA), "--record_dir", str(tmp_path),
                  "--save_folder_name", "record", *seed_args(), *map(str, args)])
     folder = tmp_path / "record"
-    return folder, json.loads((folder / "attack_summary.json").read_text())
+    summary = json.loads((folder / "attack_summary.json").read_text())
+    assert summary["config_sources"]["epochs"] == "command line"
+    assert summary["config_sources"]["attack_target"] == "default"
+    return folder, summary
 
 
 def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, min_asr: float):

@@ -14,7 +14,7 @@ from models import find_classifier, input_channels
 from utils.analysis.plots import write_plots
 from utils.core.cli import environment, log, log_file, peak_memory_mib, require, seed_everything, \
     set_threads, setup_console_logging
-from utils.core.config import Option
+from utils.core.config import Option, config_sources
 from utils.core.errors import UserError, shown
 from utils.core.io import write_csv, write_json, write_text
 from utils.core.result_set import ResultSet, check_output_folder, seal
@@ -253,7 +253,7 @@ class DefenseRun:
             "before": before, "after": after, **details,
             "times_s": {k: round(v, 3) for k, v in self.times.items()},
             "peak_memory_mib": peak_memory_mib(self.device),
-            "config": {k: v for k, v in vars(cfg).items()},
+            "config": dict(vars(cfg)), "config_sources": config_sources(cfg),
             "environment": environment(self.device),
         }
         write_csv(self.out / f"{self.method}_df.csv", self.epochs)
