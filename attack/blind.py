@@ -106,7 +106,8 @@ class BlindLoss:
         self.history = deque(maxlen=cfg.loss_history)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if cfg.mgda_grads == "last":
-            self.params = list(find_classifier(model, num_classes)[1].parameters())
+            _, classifier = find_classifier(model, num_classes, model_name=cfg.model)
+            self.params = list(classifier.parameters())
         self.n = 0
         self.attacked = 0  # batches with the backdoor loss on
         self.alpha_sum = 0.0  # their MGDA clean weights, summed

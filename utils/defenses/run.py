@@ -42,8 +42,8 @@ DEFENSE_OPTIONS = {
     "batch_size": Option(128, "training batch size", bounds=">= 1"),
     "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)",
                               bounds=">= 0"),
-    "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
-                          str),
+    "linear_name": Option(None, "dotted name of the classifier layer; default: the one the model "
+                                "registry declares", str),
     "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
     "compile": Option(False, "torch.compile the model (pays a one-off compile time)"),
     "loader": Option("tensor", "how training batches are made: 'tensor' (device-resident data, "
@@ -167,7 +167,7 @@ class DefenseRun:
         if cfg.compile:
             self.model.compile()  # in place: parameter names and the classifier stay the same
         self.linear_name, self.linear = find_classifier(self.model, record.num_classes,
-                                                        cfg.linear_name)
+                                                        cfg.linear_name, record.model_name)
         clean_train = load_clean_dataset(spec.name, cfg.dataset_path, train=True)
         clean_test = load_clean_dataset(spec.name, cfg.dataset_path, train=False)
         bd_test = backdoor_set(record.bd_test, clean_test, self.folder, record.num_classes)
