@@ -74,7 +74,7 @@ def blind_pattern(patch_size: int) -> torch.Tensor:
     return ((rows + cols) % 2 == 0).to(torch.uint8) * 255
 
 
-def blind_poison(images: torch.Tensor, patch_size: int = 4) -> torch.Tensor:
+def blind_poison(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Paste the checkerboard into every channel of uint8 images [N, C, H, W]."""
     out = images.clone()
     end = MARGIN + patch_size

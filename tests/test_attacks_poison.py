@@ -95,7 +95,7 @@ def test_sig_adds_the_horizontal_sinusoid_and_clamps():
     out = sig.sig_poison(flat, 40, 6)
     expected = [round(100 + 40 * math.sin(2 * math.pi * j * 6 / 28)) for j in range(28)]
     assert (out == torch.tensor(expected, dtype=torch.uint8)).all()
-    bright = sig.sig_poison(torch.full((1, 1, 4, 32), 250, dtype=torch.uint8))
+    bright = sig.sig_poison(torch.full((1, 1, 4, 32), 250, dtype=torch.uint8), 40, 6)
     assert bright.max() == 255 and bright.min() == 210
 
 
