@@ -1,4 +1,5 @@
-"""Defaults < yaml < command line; unknown or mistyped keys are errors; --print_config shows\nthe resolved values and their sources."""
+"""Defaults < yaml < command line; unknown or mistyped keys are errors; --print_config shows
+the resolved values and their sources."""
 import importlib
 import re
 import subprocess

@@ -101,4 +101,4 @@ def test_docstrings_state_the_tables_defaults():
     assert len(found) >= 8  # the pattern still finds the statements it is meant to check
     for name, key, stated, table in found:
         first = table[0] if isinstance(table, list) else table  # a range states its first value
-        assert float(stated) == first, f"{name}: `{key}` (default {stated}) but the table has {table}"
+        assert float(stated) == first, f"{name}: `{key}` (default {stated}), table {table}"
