@@ -14,7 +14,7 @@ from utils.core.config import Option, parse_config  # noqa: E402
 OPTIONS = {**ATTACK_OPTIONS, "patch_size": Option(3, "side of the white square, in pixels")}
 
 
-def badnet_poison(images, patch_size: int = 3):
+def badnet_poison(images, patch_size: int):
     """White (255) patch over the last `patch_size` rows and columns of every channel."""
     out = images.clone()
     out[..., -patch_size:, -patch_size:] = 255

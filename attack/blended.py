@@ -73,7 +73,7 @@ def load_pattern(path: str, channels: int, height: int, width: int) -> torch.Ten
                        width)
 
 
-def blended_poison(images: torch.Tensor, pattern: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
+def blended_poison(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> torch.Tensor:
     return blend(images, pattern, alpha)
 
 

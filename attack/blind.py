@@ -74,7 +74,7 @@ def blind_pattern(patch_size: int) -> torch.Tensor:
     return ((rows + cols) % 2 == 0).to(torch.uint8) * 255
 
 
-def blind_poison(images: torch.Tensor, patch_size: int = 4) -> torch.Tensor:
+def blind_poison(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Paste the checkerboard into every channel of uint8 images [N, C, H, W]."""
     out = images.clone()
     end = MARGIN + patch_size
@@ -106,7 +106,8 @@ class BlindLoss:
         self.history = deque(maxlen=cfg.loss_history)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if cfg.mgda_grads == "last":
-            self.params = list(find_classifier(model, num_classes)[1].parameters())
+            _, classifier = find_classifier(model, num_classes, model_name=cfg.model)
+            self.params = list(classifier.parameters())
         self.n = 0
         self.attacked = 0  # batches with the backdoor loss on
         self.alpha_sum = 0.0  # their MGDA clean weights, summed

@@ -50,7 +50,7 @@ def _quantize(values: torch.Tensor, levels: int) -> torch.Tensor:
     return (values / step).round() * step
 
 
-def bpp_poison(images: torch.Tensor, levels: int = 8, dithering: bool = False) -> torch.Tensor:
+def bpp_poison(images: torch.Tensor, levels: int, dithering: bool = False) -> torch.Tensor:
     """Squeeze uint8 images [N, C, H, W] to `levels` values per channel; uint8 out."""
     if not dithering:
         return _quantize(images.float(), levels).round().clamp(0, 255).to(torch.uint8)

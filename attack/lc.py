@@ -48,7 +48,7 @@ def checkerboard(size: int) -> torch.Tensor:
     return ((rows + cols) % 2 == 0).to(torch.uint8) * 255
 
 
-def corner_trigger(images: torch.Tensor, size: int = 3) -> torch.Tensor:
+def corner_trigger(images: torch.Tensor, size: int) -> torch.Tensor:
     """The checkerboard pasted, mirrored, into all four corners of every channel."""
     require(2 * size <= min(images.shape[-2:]),
             f"--checker_size {size} does not fit twice into {tuple(images.shape[-2:])} images")

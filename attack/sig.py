@@ -28,7 +28,7 @@ OPTIONS = {**ATTACK_OPTIONS,
            "frequency": Option(6.0, "periods of the sinusoid across the image width")}
 
 
-def sig_poison(images: torch.Tensor, delta: float = 40.0, frequency: float = 6.0) -> torch.Tensor:
+def sig_poison(images: torch.Tensor, delta: float, frequency: float) -> torch.Tensor:
     width = images.shape[-1]
     columns = torch.arange(width, dtype=torch.float32)
     return add_signal(images, delta * torch.sin(2 * math.pi * columns * frequency / width))

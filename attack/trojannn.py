@@ -114,7 +114,7 @@ def make_attack(ctx) -> PoisoningAttack:
     require(0 < cfg.mask_fraction <= 1,
             f"--mask_fraction must be in (0, 1], got {cfg.mask_fraction}")
     model = ctx.clean_model()
-    _, classifier = find_classifier(model, ctx.spec.num_classes)
+    _, classifier = find_classifier(model, ctx.spec.num_classes, model_name=cfg.model)
     require(1 <= cfg.neurons <= classifier.in_features,
             f"--neurons must be in 1..{classifier.in_features} (the classifier's inputs), "
             f"got {cfg.neurons}")

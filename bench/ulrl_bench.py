@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from defense.ulrl import main as ulrl_main  # noqa: E402
+from defense.ulrl import OPTIONS as ULRL_OPTIONS, main as ulrl_main  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.core.cli import log, setup_console_logging  # noqa: E402
 from utils.data.datasets import DatasetSpec, from_arrays, get_dataset, register_dataset  # noqa: E402
@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--synthetic", help="benchmark a random record shaped like this data set")
     parser.add_argument("--model", default="preactresnet18", help="model of a synthetic record")
     parser.add_argument("--result_file", help="benchmark this record instead")
-    parser.add_argument("--record_dir", default="record")
+    parser.add_argument("--record_dir", default=ULRL_OPTIONS["record_dir"].default)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unlearning_epochs", type=int, default=5,
                         help="fixed unlearning length of a synthetic run")

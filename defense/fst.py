@@ -11,11 +11,11 @@ through feature shift tuning", NeurIPS 2023), as its official code runs it.
 Settings (ULRL paper, Appendix A-B): lr 0.01 (CIFAR-10, GTSRB) or 1e-3 (CIFAR-100, Tiny-ImageNet);
 10 epochs on CIFAR-10, 15 otherwise; alpha 0.2 / 0.1 (GTSRB) / 0.001 (CIFAR-100, Tiny); batch 256.
 
-Differences from the official code: the classifier is found by structure (or --linear_name as a
-dotted path) instead of a substring match on parameter names, which could reinitialize unrelated
-layers (and, for VGG19-BN with `classifier`, reinitialized all three Linear layers: the paper's "all
-final linear layers"; here only the classifier is); the reinitialization draws from a generator
-seeded with --seed; no test evaluation inside the loop.
+Differences from the official code: the classifier is the one the model registry declares (or
+--linear_name as a dotted path) instead of a substring match on parameter names, which could
+reinitialize unrelated layers (and, for VGG19-BN with `classifier`, reinitialized all three Linear
+layers: the paper's "all final linear layers"; here only the classifier is); the reinitialization
+draws from a generator seeded with --seed; no test evaluation inside the loop.
 """
 from __future__ import annotations
 

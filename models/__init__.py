@@ -1,8 +1,10 @@
-"""Model registry: every module in this folder registers its builders with `@register_model(name)`.
+"""Model registry: every module in this folder registers its builders with
+`@register_model(name, classifier="dotted.name")`.
 
 A builder is `fn(num_classes: int, in_channels: int, image_size: int) -> nn.Module`; it sets no global
-state and is deterministic given `torch.manual_seed`. Adding a model means adding one file here: the
-package imports every module in its folder when it is first imported.
+state and is deterministic given `torch.manual_seed`. `classifier` names the final nn.Linear with
+`num_classes` outputs, the layer ULRL scores and the defenses prune or reinitialize. Adding a model
+means adding one file here: the package imports every module in its folder when it is first imported.
 
 Nothing here downloads anything: pretrained weights come only from a local file (`weights_path`).
 """
@@ -18,15 +20,17 @@ from torch import nn
 
 from utils.core.errors import UserError, shown
 
-__all__ = ["register_model", "model_names", "build_model", "find_classifier", "input_channels",
-           "load_weights", "strip_module_prefix"]
+__all__ = ["register_model", "model_names", "declared_classifier", "build_model",
+           "find_classifier", "input_channels", "load_weights", "strip_module_prefix"]
 
 Builder = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+_CLASSIFIERS: dict[str, str | None] = {}  # model name -> dotted name of its classifier
 
 
-def register_model(name: str):
-    """Decorator: register `fn(num_classes, in_channels, image_size) -> nn.Module` under `name`."""
+def register_model(name: str, classifier: str | None = None):
+    """Decorator: register `fn(num_classes, in_channels, image_size) -> nn.Module` under `name`,
+    with `classifier` the dotted name of its final nn.Linear (None: found by structure)."""
     key = name.lower()
 
     def deco(fn: Builder) -> Builder:
@@ -34,6 +38,7 @@ def register_model(name: str):
             raise ValueError(f"model name {name!r} is registered twice "
                              f"({_REGISTRY[key].__module__} and {fn.__module__})")
         _REGISTRY[key] = fn
+        _CLASSIFIERS[key] = classifier
         return fn
 
     return deco
@@ -41,6 +46,12 @@ def register_model(name: str):
 
 def model_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def declared_classifier(model_name: str | None) -> str | None:
+    """The classifier's dotted name the registry declares for `model_name` (None if not declared
+    or not a registered model)."""
+    return _CLASSIFIERS.get(str(model_name).lower()) if model_name else None
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
@@ -80,25 +91,40 @@ def _describe_linears(model: nn.Module, keep: int = 12) -> str:
     return "Linear layers: " + ", ".join(layers)
 
 
-def find_classifier(model: nn.Module, num_classes: int, name: str | None = None
-                    ) -> tuple[str, nn.Linear]:
+def find_classifier(model: nn.Module, num_classes: int, name: str | None = None,
+                    model_name: str | None = None) -> tuple[str, nn.Linear]:
     """The classifier layer: `name` (dotted path, e.g. 'classifier.6', '1.heads.head') if given,
-    else the last nn.Linear (registration order) with `out_features == num_classes`."""
+    else the one the registry declares for `model_name`, else (a model registered without one, or
+    built elsewhere) the last nn.Linear (registration order) with `out_features == num_classes`."""
     if name:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"layer {name!r} not found in the model: pass --linear_name as one of the "
-                            f"{_describe_linears(model)}") from None
-        if not isinstance(layer, nn.Linear):
-            raise UserError(f"layer {name!r} is a {type(layer).__name__}, not an nn.Linear: pass "
-                            f"--linear_name as one of the {_describe_linears(model)}")
-        return name, layer
+        return name, _named_linear(model, name, "pass --linear_name as one of the")
+    declared = declared_classifier(model_name)
+    if declared:
+        layer = _named_linear(model, declared, f"model '{model_name}' declares its classifier as "
+                                               f"{declared!r}; pass --linear_name as one of the")
+        if layer.out_features != num_classes:
+            raise UserError(f"the classifier {declared!r} of model '{model_name}' has "
+                            f"{layer.out_features} outputs, not {num_classes}: the record's "
+                            f"num_classes disagrees with its weights, or pass --linear_name")
+        return declared, layer
     found = [(n, m) for n, m in _linear_layers(model) if m.out_features == num_classes]
     if not found:
         raise UserError(f"no nn.Linear layer with {num_classes} outputs found: pass --linear_name "
                         f"with the classifier's dotted name; {_describe_linears(model)}")
     return found[-1]
+
+
+def _named_linear(model: nn.Module, name: str, advice: str) -> nn.Linear:
+    """The nn.Linear at dotted path `name`; else a UserError ending in `advice` + the layers."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"layer {name!r} not found in the model: {advice} "
+                        f"{_describe_linears(model)}") from None
+    if not isinstance(layer, nn.Linear):
+        raise UserError(f"layer {name!r} is a {type(layer).__name__}, not an nn.Linear: {advice} "
+                        f"{_describe_linears(model)}")
+    return layer
 
 
 # ---------------------------------------------------------------- state dicts
@@ -208,7 +234,7 @@ def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
 def _load_pretrained(model: nn.Module, name: str, num_classes: int, path) -> None:
     model_sd = model.state_dict()
     sd = _align_prefix(strip_module_prefix(_read_state_dict(path)), list(model_sd))
-    cls_name, _ = find_classifier(model, num_classes)
+    cls_name, _ = find_classifier(model, num_classes, model_name=name)
     cls_keys = {f"{cls_name}.weight", f"{cls_name}.bias"}
     # a classifier trained on another class count (e.g. ImageNet's 1000) is left freshly initialized
     if any(k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape) for k in cls_keys):

@@ -57,6 +57,6 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("preactresnet18")
+@register_model("preactresnet18", classifier="linear")
 def preactresnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)

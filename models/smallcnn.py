@@ -51,7 +51,7 @@ class SmallCNN(nn.Module):
         return self.linear(self.hidden(out))
 
 
-@register_model("smallcnn")
+@register_model("smallcnn", classifier="linear")
 def smallcnn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return SmallCNN(num_classes, in_channels)
 

@@ -25,7 +25,7 @@ def _same_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
 
 
-@register_model("resnet18")
+@register_model("resnet18", classifier="fc")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
@@ -34,7 +34,7 @@ def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return model
 
 
-@register_model("vgg19_bn")
+@register_model("vgg19_bn", classifier="classifier.6")
 def vgg19_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     model = torchvision.models.vgg19_bn(weights=None, num_classes=num_classes)
     for layer in model.features:
@@ -48,7 +48,7 @@ def vgg19_bn(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return model
 
 
-@register_model("vit_b_16")
+@register_model("vit_b_16", classifier="1.heads.head")
 def vit_b_16(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     vit = torchvision.models.vit_b_16(weights=None)
     vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)

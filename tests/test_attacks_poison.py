@@ -96,7 +96,7 @@ def test_sig_adds_the_horizontal_sinusoid_and_clamps():
     out = sig.sig_poison(flat, 40, 6)
     expected = [round(100 + 40 * math.sin(2 * math.pi * j * 6 / 28)) for j in range(28)]
     assert (out == torch.tensor(expected, dtype=torch.uint8)).all()
-    bright = sig.sig_poison(torch.full((1, 1, 4, 32), 250, dtype=torch.uint8))
+    bright = sig.sig_poison(torch.full((1, 1, 4, 32), 250, dtype=torch.uint8), 40, 6)
     assert bright.max() == 255 and bright.min() == 210
 
 
@@ -206,7 +206,10 @@ def make_record(module, tmp_path, *args):
                  "--dataset_path", str(DATA), "--record_dir", str(tmp_path),
                  "--save_folder_name", "record", *seed_args(), *map(str, args)])
     folder = tmp_path / "record"
-    return folder, json.loads((folder / "attack_summary.json").read_text())
+    summary = json.loads((folder / "attack_summary.json").read_text())
+    assert summary["config_sources"]["epochs"] == "command line"
+    assert summary["config_sources"]["attack_target"] == "default"
+    return folder, summary
 
 
 def check_record(folder, summary, fashion, *, poisoned: int, clean_label: bool, min_asr: float):

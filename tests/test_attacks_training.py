@@ -135,7 +135,7 @@ def test_mgda_weight_is_the_min_norm_combination():
 def test_blind_loss_balances_the_two_tasks_by_mgda(grads):
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, in_channels=1, image_size=28)
-    cfg = SimpleNamespace(patch_size=4, attack_target=0, loss_history=1,
+    cfg = SimpleNamespace(model="smallcnn", patch_size=4, attack_target=0, loss_history=1,
                           backdoor_loss_threshold=10.0, loss_balance="mgda", mgda_grads=grads,
                           mgda_normalize="loss+")
     loss_fn = blind.BlindLoss(cfg, model, torch.ones(1, 1, 4, 4), num_classes=10)

@@ -1,11 +1,17 @@
-"""Defaults < yaml < command line; unknown or mistyped keys are errors."""
+"""Defaults < yaml < command line; unknown or mistyped keys are errors; --print_config shows
+the resolved values and their sources."""
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from defense.ulrl import OPTIONS
-from utils.core.config import Option, parse_config
+from tests.helpers import HANG_GUARD_S
+from utils.core.config import Option, config_sources, parse_config
 from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +111,74 @@ def test_bounds_are_checked_after_yaml_and_command_line_merge(tmp_path):
         parse_config(options, "t", ["--yaml_path", str(bad)])
     # a bad yaml value the command line overrides is fine: the merged value is what runs
     assert parse_config(options, "t", ["--yaml_path", str(bad), "--steps", "2"]).steps == 2
+
+
+def test_sources_say_where_each_value_came_from(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("relearn_lr: 0.001\nalpha: 0.5\n")
+    cfg = parse(["--yaml_path", str(yml), "--alpha", "0.9"])
+    sources = config_sources(cfg)
+    assert sources["tau"] == "default" and sources["relearn_lr"] == f"yaml {yml}"
+    assert sources["alpha"] == "command line" and sources["yaml_path"] == "command line"
+    assert set(sources) == set(vars(cfg))  # one source per value
+    assert "sources" not in vars(cfg)  # cfg itself stays the plain values
+    assert config_sources(SimpleNamespace(tau=1)) == {}  # a hand-made namespace has none
+
+
+def print_config_lines(capsys, argv) -> dict[str, tuple[str, str]]:
+    """--print_config's output as {key: (value, source)}; it exits 0."""
+    with pytest.raises(SystemExit) as e:
+        parse([*argv, "--print_config"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    parsed = {}
+    for line in lines:
+        key, rest = line.split(":", 1)
+        value, source = rest.rsplit("  # ", 1)
+        parsed[key] = (value.strip(), source)
+    return parsed
+
+
+def test_print_config_shows_values_and_sources(tmp_path, capsys):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("relearn_lr: 0.001\nalpha: 0.5\nunlearning_milestones: [5, 8]\n")
+    shown = print_config_lines(capsys, ["--yaml_path", str(yml), "--alpha", "0.9"])
+    assert list(shown) == [*OPTIONS, "yaml_path"]  # every key, in the table's order
+    assert shown["tau"] == ("3.5", "default")
+    assert shown["relearn_lr"] == ("0.001", f"yaml {yml}")
+    assert shown["unlearning_milestones"] == ("[5, 8]", f"yaml {yml}")
+    assert shown["alpha"] == ("0.9", "command line")
+    assert shown["result_file"] == ("null", "default") and shown["trust_record"][0] == "false"
+    assert shown["yaml_path"] == (str(yml), "command line")
+    assert print_config_lines(capsys, [])["yaml_path"] == ("null", "default")
+
+
+def test_print_config_checks_the_config_first(tmp_path, capsys):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("trust_record: true\n")
+    with pytest.raises(UserError, match="only be given on the command line"):
+        parse(["--yaml_path", str(yml), "--print_config"])
+    assert capsys.readouterr().out == ""
+
+
+ENTRY_POINTS = sorted((ROOT / "defense").glob("*.py")) + sorted((ROOT / "attack").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_entry_point_prints_its_config_without_running(path, capsys):
+    module = importlib.import_module(f"{path.parent.name}.{path.stem}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--print_config", "--seed", "3"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [*module.OPTIONS, "yaml_path"]
+    assert any(line.startswith("seed:") and line.endswith("# command line") for line in lines)
+
+
+def test_print_config_runs_without_a_record(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "defense/ulrl.py"), "--print_config",
+                           "--record_dir", str(tmp_path / "none"), "--result_file", "missing"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "result_file:" in done.stdout and "missing" in done.stdout
+    assert not (tmp_path / "none").exists()  # nothing was made

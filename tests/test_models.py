@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import models
-from models import (build_model, find_classifier, input_channels, load_weights, model_names,
-                    register_model)
+from models import (build_model, declared_classifier, find_classifier, input_channels,
+                    load_weights, model_names, register_model)
 from utils.core.errors import UserError
 
 ALL = ["preactresnet18", "resnet18", "vgg19_bn", "vit_b_16", "smallcnn"]
@@ -111,6 +111,52 @@ def test_find_classifier_default(name):
     assert found == CLASSIFIER[name]
     assert isinstance(layer, nn.Linear) and layer.out_features == 10
     assert layer is model.get_submodule(found)
+
+
+@pytest.mark.parametrize("name", model_names())  # every model the registry holds
+def test_every_registered_model_declares_its_classifier(name):
+    declared = declared_classifier(name)
+    assert declared, f"register_model({name!r}) names no classifier"
+    for num_classes in (10, 7):
+        model = _built(name, 3, num_classes)
+        layer = model.get_submodule(declared)
+        assert isinstance(layer, nn.Linear) and layer.out_features == num_classes
+        assert find_classifier(model, num_classes, model_name=name) == (declared, layer)
+        assert find_classifier(model, num_classes, model_name=name.upper())[0] == declared
+
+
+def _two_heads(num_classes, in_channels, image_size):
+    """A classifier followed by another Linear with as many outputs, where the structural guess
+    (the last such Linear) is wrong."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 4, 6), nn.Linear(6, num_classes),
+                         nn.Linear(num_classes, num_classes))
+
+
+def test_declared_classifier_wins_over_the_structural_guess_and_linear_name_over_both():
+    register_model("_test_two_heads", classifier="2")(_two_heads)
+    try:
+        model = build_model("_test_two_heads", 5, in_channels=1)
+        assert find_classifier(model, 5)[0] == "3"  # no model name: the structural guess
+        assert find_classifier(model, 5, model_name="_test_two_heads") == ("2", model[2])
+        assert find_classifier(model, 5, "3", model_name="_test_two_heads")[0] == "3"
+        with pytest.raises(UserError) as e:  # the declared layer must have num_classes outputs
+            find_classifier(model, 6, model_name="_test_two_heads")
+        assert "'2' of model '_test_two_heads' has 5 outputs, not 6" in _one_line(e)
+    finally:
+        models._REGISTRY.pop("_test_two_heads")
+        models._CLASSIFIERS.pop("_test_two_heads")
+
+
+def test_a_model_without_a_declared_classifier_falls_back_to_the_structure():
+    register_model("_test_undeclared")(_two_heads)
+    try:
+        assert declared_classifier("_test_undeclared") is None
+        model = build_model("_test_undeclared", 5, in_channels=1)
+        assert find_classifier(model, 5, model_name="_test_undeclared")[0] == "3"
+        assert find_classifier(model, 5, model_name="not_registered")[0] == "3"
+    finally:
+        models._REGISTRY.pop("_test_undeclared")
+        models._CLASSIFIERS.pop("_test_undeclared")
 
 
 def test_find_classifier_smallcnn_is_last_linear():
@@ -229,3 +275,4 @@ def test_register_model_adds_a_builder():
         assert model(torch.randn(1, 2, 8, 8)).shape == (1, 3)
     finally:
         models._REGISTRY.pop("_test_tiny")
+        models._CLASSIFIERS.pop("_test_tiny")

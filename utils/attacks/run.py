@@ -30,7 +30,7 @@ import torch
 from models import build_model, load_weights
 from utils.core.cli import environment, log, log_file, require, seed_everything, set_threads, \
     setup_console_logging
-from utils.core.config import Option
+from utils.core.config import Option, config_sources
 from utils.core.errors import UserError
 from utils.core.io import write_csv, write_json
 from utils.data.datasets import get_dataset, load_clean_dataset
@@ -153,10 +153,11 @@ class AttackContext:
         return to_device(model, self.device)
 
     def clean_model(self):
-        """A model trained on the clean training data (or loaded from --clean_model), cached."""
+        """A model trained on the clean training data (or loaded from --clean_model), cached.
+        Only attacks whose options include CLEAN_MODEL_OPTIONS call it."""
         if self._clean_model is None:
             cfg = self.cfg
-            if getattr(cfg, "clean_model", None):
+            if cfg.clean_model:
                 model = self.new_model()
                 path = Path(cfg.clean_model)
                 require(path.is_file(), f"--clean_model {path} not found: pass a weights file")
@@ -165,7 +166,7 @@ class AttackContext:
                 load_weights(model, state)
             else:
                 model = self.new_model()
-                epochs = getattr(cfg, "clean_epochs", 0) or cfg.epochs
+                epochs = cfg.clean_epochs or cfg.epochs
                 log.info("training a clean %s for %d epochs (the trigger is built against it)",
                          cfg.model, epochs)
                 self.fit(model, self.batches(self.train.to(self.device)), epochs,
@@ -322,8 +323,8 @@ def _attack(cfg, name: str, make_attack, spec, device, record_name: str, work: P
     summary = {"attack": name, "record": record_name, "dataset": spec.name, "model": cfg.model,
                "poisoned_train": len(chosen), "train_size": len(ctx.train),
                "clean_label": attack.clean_label, "bd_test_size": len(bd_test), "final": final,
-               "time_s": round(train_time, 2), **attack.details, "config": vars(cfg),
-               "environment": environment(device)}
+               "time_s": round(train_time, 2), **attack.details, "config": dict(vars(cfg)),
+               "config_sources": config_sources(cfg), "environment": environment(device)}
     write_json(work / "attack_summary.json", summary)
     if final:
         print(f"{name} {spec.name}/{cfg.model}: C-ACC {100 * final['test_acc']:.2f}%  "

@@ -1,11 +1,13 @@
 """Configuration as plain values: built-in defaults, overridden by a yaml file, overridden by the
 command line. Every key is declared once with its type, so a mistyped key in the yaml or on the
-command line is an error instead of a silently ignored setting."""
+command line is an error instead of a silently ignored setting. The option tables are the only place
+a default is stated; `--print_config` shows the resolved values and where each came from."""
 from __future__ import annotations
 
 import argparse
 import difflib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,11 +194,37 @@ def _check_conflicts(options: dict[str, Option], given: dict, source: str) -> No
                                 f"keep one of them")
 
 
-def parse_config(options: dict[str, Option], description: str, argv=None) -> SimpleNamespace:
+class Config(SimpleNamespace):
+    """The resolved values, read as attributes. Where each came from ('default', 'yaml <path>',
+    'command line') is kept in the slot `sources`, outside the instance dict, so that vars(cfg)
+    stays the plain values that summaries store and code reads."""
+    __slots__ = ("sources",)
+
+
+def config_sources(cfg) -> dict[str, str]:
+    """Where each value of `cfg` came from; empty for a namespace not made by parse_config (tests
+    build their own)."""
+    return dict(cfg.sources) if isinstance(cfg, Config) else {}
+
+
+def print_config(cfg: Config, out=None) -> None:
+    """One line per key: `key: value  # source`, values as yaml writes them."""
+    width = max(len(key) for key in vars(cfg))
+    for key, value in vars(cfg).items():
+        shown_value = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        shown_value = shown_value.removesuffix("\n...\n").strip()
+        print(f"{key + ':':<{width + 1}} {shown_value:<12}  # {cfg.sources[key]}",
+              file=out or sys.stdout)
+
+
+def parse_config(options: dict[str, Option], description: str, argv=None) -> Config:
     parser = _Parser(description=description, allow_abbrev=False)
     parser.add_argument("--yaml_path", help="yaml file of defaults; the command line overrides it")
     parser.add_argument(DEBUG_FLAG, action="store_true",
                         help="on an error, print the full traceback instead of one line")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print every resolved value and where it came from (default, yaml, "
+                             "command line), then exit without running")
     for key, option in options.items():
         kind = option.value_type
         kwargs = dict(default=None, help=f"{option.help} (default: {option.default})")
@@ -213,14 +241,23 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Sim
     args = parser.parse_args(argv)
 
     values = {key: option.default for key, option in options.items()}
+    sources = dict.fromkeys(values, "default")
     if args.yaml_path:
         from_yaml = load_yaml(args.yaml_path, options)
         _check_conflicts(options, from_yaml, f"config file {args.yaml_path}")
         values.update(from_yaml)
+        sources.update(dict.fromkeys(from_yaml, f"yaml {args.yaml_path}"))
     command_line = {key: _coerce(key, option, getattr(args, key), "command line")
                     for key, option in options.items() if getattr(args, key) is not None}
     _check_conflicts(options, command_line, "command line")
     values.update(command_line)
+    sources.update(dict.fromkeys(command_line, "command line"))
     check_bounds(options, values)
     values["yaml_path"] = args.yaml_path
-    return SimpleNamespace(**values)
+    sources["yaml_path"] = "command line" if args.yaml_path else "default"
+    cfg = Config(**values)
+    cfg.sources = sources
+    if args.print_config:  # like --help: the answer, then exit before anything runs
+        print_config(cfg)
+        sys.exit(0)
+    return cfg

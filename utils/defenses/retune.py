@@ -10,11 +10,10 @@ Every defense has it (utils/defenses/run.py builds the set while loading and run
                                [--retune_epochs E] [--retune_lr LR]
 
 A COPY of the defended model is fine-tuned (defense_result.pt stays the purified model) on
-  - retune_clean clean images drawn from the defense subset (default 0 = all of it: 1 % of the
-    training set at the default --ratio), plus
-  - round(retune_poison_ratio x that count) poisoned images drawn uniformly from the record's
+  - `retune_clean` clean images drawn from the defense subset (default 0 = all of it), plus
+  - round(`retune_poison_ratio` x that count) poisoned images drawn uniformly from the record's
     bd_train with their backdoor labels (default 0.1: 10 % as many as the clean ones),
-for retune_epochs (5) epochs of SGD lr retune_lr (0.01), momentum 0.9, no weight decay, constant rate,
+for `retune_epochs` epochs of SGD lr `retune_lr`, momentum 0.9, no weight decay, constant rate,
 batch --batch_size, the defense's augmentation, seeded with --seed. summary.json gets "retune":
 C-ACC, ASR and RA of the retuned copy and the set's sizes; the report shows its ASR per defense.
 Records without bd_train (BackdoorBench may drop it) cannot be checked: that is an error at load time.

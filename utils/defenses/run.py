@@ -14,7 +14,7 @@ from models import find_classifier, input_channels
 from utils.analysis.plots import write_plots
 from utils.core.cli import environment, log, log_file, peak_memory_mib, require, seed_everything, \
     set_threads, setup_console_logging
-from utils.core.config import Option
+from utils.core.config import Option, config_sources
 from utils.core.errors import UserError, shown
 from utils.core.io import write_csv, write_json, write_text
 from utils.core.result_set import ResultSet, check_output_folder, seal
@@ -42,8 +42,8 @@ DEFENSE_OPTIONS = {
     "batch_size": Option(128, "training batch size", bounds=">= 1"),
     "eval_batch_size": Option(0, "evaluation batch size (0: 1024 on CUDA, 256 on CPU)",
                               bounds=">= 0"),
-    "linear_name": Option(None, "dotted name of the classifier layer; default: found automatically",
-                          str),
+    "linear_name": Option(None, "dotted name of the classifier layer; default: the one the model "
+                                "registry declares", str),
     "amp": Option(True, "bf16 autocast on CUDA (ignored on CPU)"),
     "compile": Option(False, "torch.compile the model (pays a one-off compile time)"),
     "loader": Option("tensor", "how training batches are made: 'tensor' (device-resident data, "
@@ -167,7 +167,7 @@ class DefenseRun:
         if cfg.compile:
             self.model.compile()  # in place: parameter names and the classifier stay the same
         self.linear_name, self.linear = find_classifier(self.model, record.num_classes,
-                                                        cfg.linear_name)
+                                                        cfg.linear_name, record.model_name)
         # Only the images the run uses are decoded: the whole test split (evaluated), the defense
         # subset and the retuning set's images of the training split.
         clean_train = clean_split(spec.name, cfg.dataset_path, train=True)
@@ -256,7 +256,7 @@ class DefenseRun:
             "before": before, "after": after, **details,
             "times_s": {k: round(v, 3) for k, v in self.times.items()},
             "peak_memory_mib": peak_memory_mib(self.device),
-            "config": {k: v for k, v in vars(cfg).items()},
+            "config": dict(vars(cfg)), "config_sources": config_sources(cfg),
             "environment": environment(self.device),
         }
         write_csv(self.out / f"{self.method}_df.csv", self.epochs)
