@@ -135,3 +135,21 @@ def test_compact_puts_a_defense_in_one_cell(records, tmp_path):
     badnet = next(line for line in text.splitlines() if "| badnet |" in line)
     assert "| 90.00 / 99.00 | -2.00 / 1.00 / 98.00 / 60.00 | +1.00 / 50.00 / 74.50 |" in badnet
     assert "ft_asr" in read_csv(tmp_path / "t.csv")[0]  # the CSV keeps one column per value
+
+
+def test_update_replaces_the_rerun_records_rows_and_keeps_the_others(records, tmp_path):
+    main([str(records), "--out", str(tmp_path / "old")])
+    rerun = tmp_path / "rerun"
+    put(rerun, "bl", "ulrl", metrics(0.80, 0.95), metrics(0.78, 0.15), attack="blended")
+    assert main([str(rerun), "--out", str(tmp_path / "new"), "--update",
+                 str(tmp_path / "old.csv")]) == 0
+    old, new = read_csv(tmp_path / "old.csv"), read_csv(tmp_path / "new.csv")
+    small = [r for r in new if r["model"] == "smallcnn"]
+    assert [(r["dataset"], r["attack"]) for r in small] == [
+        ("fashion_mnist", "badnet"), ("fashion_mnist", "blended"), ("fashion_mnist", "Average"),
+        ("mnist", "m1"), ("mnist", "Average")]
+    assert small[0] == old[0]  # badnet: kept as it was
+    assert float(small[1]["ulrl_asr"]) == pytest.approx(15.0)  # blended: the rerun's
+    assert float(small[2]["ulrl_asr"]) == pytest.approx((1.0 + 15.0) / 2)  # recomputed
+    assert float(small[2]["ft_asr"]) == pytest.approx(50.0)
+    assert [r["attack"] for r in new if r["model"] == "vgg19_bn"] == ["badnet", "Average"]

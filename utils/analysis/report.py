@@ -14,12 +14,15 @@ change (defended minus undefended, points), the ASR, BackdoorBench's defense eff
 DER = [max(0, ASR drop) - max(0, C-ACC drop) + 1] / 2 (in %, 100 = backdoor gone at no cost,
 50 = no change), and the ASR after the retuning check (--retune_check) when any run has one; an
 average row per dataset (mean over the rows that have the value). All numbers are percentages.
-`--compact` puts a defense's cells in one Markdown column. `--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
+`--compact` puts a defense's cells in one Markdown column. `--update OLD.csv` rebuilds an earlier
+table with the given runs replacing its rows of the same records (the other rows kept as they
+were, averages recomputed), so rerunning one attack does not mean rerunning the sweep. `--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
 time in seconds without the retuning check (time).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -108,28 +111,55 @@ METRICS = {
 DEFAULT_METRICS = ("acc_change", "asr", "der", "retune_asr")
 
 
-def columns(methods: list[str], metrics, results: list[Result]) -> list[tuple[str, str]]:
-    """(csv name, markdown header) of every column; a metric no run of a defense has is left out
-    (the retuning check when it did not run)."""
+def columns(methods: list[str], metrics, results: list[Result],
+            earlier: list[dict] = ()) -> list[tuple[str, str]]:
+    """(csv name, markdown header) of every column; a metric no run of a defense has (nor an
+    earlier row) is left out (the retuning check when it did not run)."""
     cols = [("dataset", "Dataset"), ("attack", "Attack"), ("record", "Record"),
             ("no_defense_acc", "No Defense C-ACC"), ("no_defense_asr", "No Defense ASR")]
     for m in methods:
         runs = [r for r in results if r.method == m]
         cols += [(f"{m}_{k}", f"{m} {METRICS[k][0]}") for k in metrics
-                 if any(METRICS[k][1](r) is not None for r in runs)]
+                 if any(METRICS[k][1](r) is not None for r in runs)
+                 or any(f"{m}_{k}" in row for row in earlier)]
     return cols
 
 
-def table_rows(results: list[Result], methods: list[str], metrics) -> list[dict]:
-    """One row per record (sorted by dataset, attack, record) and an average row per dataset."""
+TEXT_COLUMNS = ("model", "dataset", "attack", "record")
+
+
+def methods_of(rows: list[dict]) -> set[str]:
+    """The defenses that have cells ('<method>_<metric>' columns) in earlier report rows."""
+    suffixes = sorted(METRICS, key=len, reverse=True)  # 'acc_change' is tried before 'acc'
+    found = set()
+    for key in {k for row in rows for k in row} - set(TEXT_COLUMNS):
+        metric = next((m for m in suffixes if key.endswith(f"_{m}")), None)
+        if metric and not key.startswith("no_defense_"):
+            found.add(key[:-len(metric) - 1])
+    return found
+
+
+def earlier_rows(path) -> list[dict]:
+    """The per-record rows of an earlier report CSV (its averages are recomputed, not kept)."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("attack") != "Average"]
+    return [{k: v if k in TEXT_COLUMNS else float(v) for k, v in row.items() if v != ""}
+            for row in rows]
+
+
+def table_rows(results: list[Result], methods: list[str], metrics,
+               earlier: list[dict] = ()) -> list[dict]:
+    """One row per record (sorted by dataset, attack, record), with the `earlier` rows of the
+    records that have no result here, and an average row per dataset."""
     by_record: dict[tuple, dict[str, Result]] = {}
     for r in results:
         by_record.setdefault((r.dataset, r.attack, r.record), {})[r.method] = r
-    rows, datasets = [], {}
-    for key in sorted(by_record):
-        runs = by_record[key]
+    fresh = {key[2] for key in by_record}
+    rows = [{k: v for k, v in row.items() if k != "model"} for row in earlier
+            if row["record"] not in fresh]
+    for (dataset, attack, record), runs in by_record.items():
         first = runs[sorted(runs)[0]]
-        row = {"dataset": key[0], "attack": key[1], "record": key[2],
+        row = {"dataset": dataset, "attack": attack, "record": record,
                "no_defense_acc": 100 * first.before["test_acc"],
                "no_defense_asr": 100 * first.before["test_asr"]}
         for m in methods:
@@ -139,7 +169,9 @@ def table_rows(results: list[Result], methods: list[str], metrics) -> list[dict]
                     if value is not None:
                         row[f"{m}_{k}"] = value
         rows.append(row)
-        datasets.setdefault(key[0], []).append(row)
+    datasets = {}
+    for row in sorted(rows, key=lambda row: (row["dataset"], row["attack"], row["record"])):
+        datasets.setdefault(row["dataset"], []).append(row)
     out = []
     for dataset, group in datasets.items():
         out += group
@@ -193,16 +225,20 @@ def compact_columns(cols: list[tuple[str, str]], methods: list[str], metrics) ->
 
 
 def build_tables(results: list[Result], defenses: list[str] | None = None,
-                 metrics=DEFAULT_METRICS, compact: bool = False) -> tuple[str, list]:
-    """(Markdown of one table per model, CSV rows of all tables with a 'model' column)."""
-    methods = defenses or sorted({r.method for r in results})
+                 metrics=DEFAULT_METRICS, compact: bool = False,
+                 earlier: list[dict] = ()) -> tuple[str, list]:
+    """(Markdown of one table per model, CSV rows of all tables with a 'model' column); rows of
+    an `earlier` table are kept for the records without a result here."""
+    methods = defenses or sorted({r.method for r in results} | methods_of(earlier))
     results = [r for r in results if r.method in methods]
     md_parts, csv_rows = [], []
-    for model in sorted({r.model for r in results}):
+    for model in sorted({r.model for r in results} | {row["model"] for row in earlier}):
         mine = [r for r in results if r.model == model]
-        present = [m for m in methods if any(r.method == m for r in mine)]
-        cols = columns(present, metrics, mine)
-        rows = table_rows(mine, present, metrics)
+        kept = [row for row in earlier if row["model"] == model]
+        present = [m for m in methods
+                   if any(r.method == m for r in mine) or m in methods_of(kept)]
+        cols = columns(present, metrics, mine, kept)
+        rows = table_rows(mine, present, metrics, kept)
         shown = compact_columns(cols, present, metrics) if compact else cols
         md_parts.append(markdown(f"{model}: percentages; ΔC-ACC in points", shown, rows))
         csv_rows += [{"model": model, **{k: round(row[k], 4) if isinstance(row.get(k), float)
@@ -223,6 +259,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compact", action="store_true",
                         help="Markdown: one column per defense with its metrics joined by ' / ' "
                              "(the CSV keeps one column per value)")
+    parser.add_argument("--update", metavar="OLD.csv",
+                        help="an earlier report's CSV: its rows of records without a result here "
+                             "are kept, the others replaced, the averages recomputed")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
@@ -243,7 +282,8 @@ def main(argv=None) -> int:
         for r in results:
             print(result_line(r.summary))
         return 0
-    text, rows = build_tables(results, args.defenses, args.metrics, args.compact)
+    earlier = earlier_rows(args.update) if args.update else []
+    text, rows = build_tables(results, args.defenses, args.metrics, args.compact, earlier)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
     write_text(f"{out}.md", text)
     write_csv(f"{out}.csv", rows)
