@@ -30,6 +30,16 @@ def tiny_record(folder: Path, state_dict=None, model_name="smallcnn") -> Path:
     return folder
 
 
+class Payload:
+    """Unpickling calls func(*args): what a malicious record does."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
 def write_fashion_mnist(data_root: Path, n_train: int, n_test: int, seed: int = 0,
                         side: int = 28) -> Path:
     """A seeded random stand-in for Fashion-MNIST (idx files) under data_root/fashion_mnist;

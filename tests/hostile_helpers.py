@@ -15,17 +15,7 @@ import torch
 from PIL import Image
 
 from models import build_model
-from tests.helpers import tiny_record
-
-
-class Call:
-    """Unpickling calls func(*args)."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
+from tests.helpers import Payload, tiny_record
 
 
 def image_with_state(state):
@@ -71,7 +61,7 @@ HOSTILE_FILES = {
     "image_state_bomb": lambda f: _record(f, bd_test=_state(bd_data_container={"data_dict": {
         np.int64(0): (image_with_state([{}, "L", (40_000, 40_000), None, b"\x00"]), 0, 1)}})),
     # numpy's reconstructor asked for a 40,000 x 40,000 array before its state is set
-    "numpy_reconstruct_bomb": lambda f: _record(f, bd_test=_state(poison_indicator=Call(
+    "numpy_reconstruct_bomb": lambda f: _record(f, bd_test=_state(poison_indicator=Payload(
         _multiarray()._reconstruct, np.ndarray, (40_000, 40_000), b"b"))),
 }
 

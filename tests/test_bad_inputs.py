@@ -37,7 +37,7 @@ import attack.badnet as badnet
 import defense.ulrl as ulrl
 from models import build_model
 import utils.data.datasets as datasets
-from tests.helpers import HANG_GUARD_S, tiny_record
+from tests.helpers import HANG_GUARD_S, Payload, tiny_record
 from tests.helpers import write_fashion_mnist
 from utils.core.cli import main_guard
 from utils.core.config import Option, parse_config
@@ -105,16 +105,6 @@ def smallcnn_state(num_classes: int = 10) -> dict:
 
 def a_png(record: Path) -> Path:
     return sorted((record / "bd_test_dataset").rglob("*.png"))[0]
-
-
-class Payload:
-    """Unpickling calls func(*args): what a malicious record does."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 # ---------------------------------------------------------------- the record file

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import build_model
-from tests.helpers import HANG_GUARD_S, tiny_record
+from tests.helpers import HANG_GUARD_S, Payload, tiny_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,19 +49,11 @@ def test_unknown_model_name_in_record(tmp_path):
     assert "resnet9000" in line and "preactresnet18" in line
 
 
-class Payload:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 def test_malicious_record_refused_without_running_it(tmp_path):
     pwned = tmp_path / "pwned"
     folder = tmp_path / "evil"
     folder.mkdir()
-    torch.save({"model_name": "smallcnn", "model": Payload(pwned)}, folder / "attack_result.pt")
+    torch.save({"model_name": "smallcnn", "model": Payload(os.system, f"touch {pwned}")}, folder / "attack_result.pt")
     line = error_line(ulrl("--result_file", "evil", "--record_dir", tmp_path))
     assert "system" in line and "--trust_record" in line
     assert not pwned.exists()

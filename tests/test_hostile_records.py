@@ -32,8 +32,8 @@ from PIL import Image
 
 import defense.ulrl as ulrl
 import utils.defenses.run
-from tests.helpers import HANG_GUARD_S, tiny_record
-from tests.hostile_helpers import HOSTILE_FILES, Call, image_with_state
+from tests.helpers import HANG_GUARD_S, Payload, tiny_record
+from tests.hostile_helpers import HOSTILE_FILES, image_with_state
 from tests.test_bad_inputs import (assert_no_result, data_root, edit_record, fails,  # noqa: F401
                                    record, smallcnn_state, ulrl_args)
 from tests.test_sweep import sh
@@ -78,7 +78,7 @@ def test_sweep_refuses_record_strings_that_are_not_registered_names(tmp_path):
     ships, which would set trust_record and unpickle a payload."""
     rec = tiny_record(tmp_path / "evil")
     pwned = tmp_path / "pwned"
-    torch.save({"model": Call(os.system, f"touch {pwned}")}, rec / RECORD_FILE)
+    torch.save({"model": Payload(os.system, f"touch {pwned}")}, rec / RECORD_FILE)
     (rec / "cfg.yaml").write_text("trust_record: true\n")
     (rec / "attack_summary.json").write_text(json.dumps(
         {"dataset": f"../../../../..{rec}/cfg", "model": "x"}))
@@ -323,7 +323,7 @@ def test_only_png_is_decoded(capsys, record, data_root, suffix, fmt):
 # ---------------------------------------------------------------- 7 allowlist, protocols, numbers
 
 @pytest.mark.parametrize("build", [
-    lambda: Call(np.dtype, "O"), lambda: Call(np.dtype, [("a", "i4"), ("b", "O")]),
+    lambda: Payload(np.dtype, "O"), lambda: Payload(np.dtype, [("a", "i4"), ("b", "O")]),
 ], ids=["dtype_O", "structured_with_object_field"])
 def test_object_dtype_is_refused_however_built(capsys, record, data_root, build):
     edit_record(record, note=build())

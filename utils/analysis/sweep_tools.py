@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from utils.core.errors import UserError, shown
-from utils.core.result_set import link_error, open_folder, verify_summary
+from utils.core.result_set import create_file_below, open_folder, verify_summary
 
 SUMMARY_MAX_BYTES = 64 * 1024
 
@@ -54,20 +54,18 @@ def record_info(folder: Path) -> tuple[str, str]:
 def prepare_log(folder: Path, name: str) -> None:
     """folder/defense/name as an empty regular file of its own, reached without links."""
     require("/" not in name and name not in ("", ".", ".."), f"bad log name {shown(name)}")
+    log = folder / "defense" / name
     directory = open_folder(folder, ["defense"], create=True)
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=directory)
-    except OSError as e:
-        raise (link_error(folder / "defense" / name) if os.path.islink(folder / "defense" / name)
-               else UserError(f"cannot write {folder / 'defense' / name} ({e.strerror})")) from None
+        fd = create_file_below(directory, name, os.O_WRONLY, 0o644, log,
+                               f"cannot write {log} ({{reason}})")
     finally:
         os.close(directory)
     try:
         info = os.fstat(fd)
         # a hard link would let truncating this file truncate another one
         require(stat.S_ISREG(info.st_mode) and info.st_nlink == 1,
-                f"{folder / 'defense' / name} is not a plain file of its own (a hard link or a "
+                f"{log} is not a plain file of its own (a hard link or a "
                 "device, which a record can ship): remove it, then rerun")
         os.ftruncate(fd, 0)
     finally:

@@ -104,18 +104,28 @@ def _check_final(defense_fd: int, out: Path) -> None:
                         "from a copy of the record")
 
 
+def create_file_below(dir_fd: int, name: str, flags: int, mode: int, path: Path,
+                      failure: str) -> int:
+    """dir_fd/name opened with `flags`, created if missing, never through a link: a link is one
+    clear line, any other failure `failure` with "{reason}" replaced (not str.format: a path may
+    hold braces)."""
+    try:
+        return os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                       dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise UserError(failure.replace("{reason}", e.strerror)) from None
+
+
 def _lock(dir_fd: int, name: str, out: Path) -> int:
     """flock on dir/name, created without following links; a lock file that a finishing run
     removed while we waited for it is not the lock any more, so it is taken again."""
     while True:
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise link_error(out.parent / name) from None
-            raise UserError(f"cannot create the lock {out.parent / name} ({e.strerror}): fix the "
-                            "folder's permissions") from None
+        lock = out.parent / name
+        fd = create_file_below(dir_fd, name, os.O_RDWR, 0o600, lock,
+                               f"cannot create the lock {lock} ({{reason}}): fix the folder's "
+                               "permissions")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
