@@ -46,7 +46,8 @@ from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, \
     mask_batchnorms, mask_parameters, mask_values, noise_parameters, rounded, \
     set_perturbed  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.training.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
@@ -87,7 +88,7 @@ def perturb_neurons(masked, layers, x, y, cfg, generator: torch.Generator) -> No
                 p.add_(g.sign(), alpha=eps / cfg.anp_steps).clamp_(-eps, eps)
 
 
-def optimize_masks(run: DefenseRun) -> dict:
+def optimize_masks(run: DefenseSession) -> dict:
     cfg = run.cfg
     masked = copy.deepcopy(run.model)
     layers = mask_batchnorms(masked, "anp")
@@ -130,7 +131,7 @@ def optimize_masks(run: DefenseRun) -> dict:
 
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Optimize the masks under adversarial neuron perturbation, prune the original model."""
     cfg = run.cfg
     masks = run.timed("mask_optimization", optimize_masks, run)
@@ -141,9 +142,12 @@ def purify(run: DefenseRun) -> dict:
             "masks": rounded(masks)}
 
 
+purify = python_api(OPTIONS, defend, "anp")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ANP backdoor removal on a BackdoorBench attack record", argv)
-    return run_defense(cfg, "anp", purify)
+    return run_defense(cfg, "anp", defend)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from utils.core.cli import log, main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.core.errors import UserError  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.training.train import accuracy, eval_batch_size, predict  # noqa: E402
 
 OPTIONS = {
@@ -155,7 +156,7 @@ def choose_pruning(order: torch.Tensor, step: int, bound: float, acc_after) -> t
 
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Prune the least active channels of the last feature map within the accuracy rule, then
     fine-tune with the pruned weights held at zero."""
     cfg = run.cfg
@@ -216,9 +217,12 @@ def purify(run: DefenseRun) -> dict:
         "finetune": finetuning}
 
 
+purify = python_api(OPTIONS, defend, "fp")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FP: fine-pruning of a BackdoorBench attack record", argv)
-    return run_defense(cfg, "fp", purify)
+    return run_defense(cfg, "fp", defend)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,
@@ -56,7 +57,7 @@ def project_to_norm(weight: torch.Tensor, norm: torch.Tensor) -> None:
         weight.mul_(norm / weight.norm())
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Reinitialize the head, then fine-tune with the inner-product penalty against the original
     head and the head held at its original norm."""
     cfg = run.cfg
@@ -80,9 +81,12 @@ def purify(run: DefenseRun) -> dict:
     return {"finetune": {**tuning, **epoch_stats()}, "original_weight_norm": norm_ori.item()}
 
 
+purify = python_api(OPTIONS, defend, "fst")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FST: feature shift tuning of a BackdoorBench attack record", argv)
-    return run_defense(cfg, "fst", purify)
+    return run_defense(cfg, "fst", defend)
 
 
 if __name__ == "__main__":

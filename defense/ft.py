@@ -18,19 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import parse_config  # noqa: E402
 from utils.defenses.finetune import FINETUNE_OPTIONS, finetune  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 
 OPTIONS = {**DEFENSE_OPTIONS, **FINETUNE_OPTIONS}
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Fine-tune every weight on the defense subset."""
     return {"finetune": run.timed("finetune", finetune, run, run.model, run.batches())}
 
 
+purify = python_api(OPTIONS, defend, "ft")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "FT: fine-tune a BackdoorBench attack record on clean data", argv)
-    return run_defense(cfg, "ft", purify)
+    return run_defense(cfg, "ft", defend)
 
 
 if __name__ == "__main__":

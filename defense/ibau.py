@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from utils.core.cli import main_guard, progress  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.training.train import autocast, cross_entropy  # noqa: E402
 
 OPTIONS = {
@@ -114,7 +115,7 @@ def hypergradient_step(model, params, delta, x, y, carrier, cfg) -> tuple[float,
     return outer.item(), (logits.detach().argmax(1) == y).sum().item()
 
 
-def unlearn(run: DefenseRun) -> list[dict]:
+def unlearn(run: DefenseSession) -> list[dict]:
     cfg, model, device = run.cfg, run.model, run.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -146,14 +147,17 @@ def unlearn(run: DefenseRun) -> list[dict]:
 
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """The rounds of implicit-hypergradient unlearning."""
     return {"rounds": run.timed("unlearning", unlearn, run)}
 
 
+purify = python_api(OPTIONS, defend, "ibau")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "I-BAU backdoor removal on a BackdoorBench attack record", argv)
-    return run_defense(cfg, "ibau", purify)
+    return run_defense(cfg, "ibau", defend)
 
 
 if __name__ == "__main__":

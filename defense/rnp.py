@@ -42,7 +42,8 @@ from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.bn_mask import choose_threshold, clamp_masks, defense_accuracy, \
     mask_batchnorms, mask_parameters, mask_values, rounded  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, fit  # noqa: E402
 
@@ -67,7 +68,7 @@ OPTIONS = {
 }
 
 
-def recover_masks(run: DefenseRun, unlearned, batches) -> dict:
+def recover_masks(run: DefenseSession, unlearned, batches) -> dict:
     """Train only the BatchNorm masks of a copy of the unlearned model to fit the defense subset."""
     cfg = run.cfg
     masked = copy.deepcopy(unlearned)
@@ -87,7 +88,7 @@ def recover_masks(run: DefenseRun, unlearned, batches) -> dict:
 
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Unlearn, recover the masks on the unlearned model, prune the original one."""
     cfg, model = run.cfg, run.model
     batches = run.batches()
@@ -100,9 +101,12 @@ def purify(run: DefenseRun) -> dict:
     return {"unlearning": unlearning, "pruning": pruning, "masks": rounded(masks)}
 
 
+purify = python_api(OPTIONS, defend, "rnp")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "RNP backdoor removal on a BackdoorBench attack record", argv)
-    return run_defense(cfg, "rnp", purify)
+    return run_defense(cfg, "rnp", defend)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.defenses.run import DEFENSE_OPTIONS, DefenseRun, run_defense  # noqa: E402
+from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
+from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, fit  # noqa: E402
 
@@ -190,7 +191,7 @@ def choose_neurons(found: dict, num_neurons: int, cfg) -> tuple[list[int], str]:
     return neurons, action
 
 
-def purify(run: DefenseRun) -> dict:
+def defend(run: DefenseSession) -> dict:
     """Algorithm 1 on the record's model: unlearn, score, revert, reinitialize, relearn."""
     cfg, model, linear = run.cfg, run.model, run.linear
     require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
@@ -223,9 +224,12 @@ def purify(run: DefenseRun) -> dict:
             "unlearning": unlearning, "relearning": relearning}
 
 
+purify = python_api(OPTIONS, defend, "ulrl")  # the Python API
+
+
 def main(argv=None):
     cfg = parse_config(OPTIONS, "ULRL backdoor removal on a BackdoorBench attack record", argv)
-    return run_defense(cfg, "ulrl", purify)
+    return run_defense(cfg, "ulrl", defend)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,11 @@ def check_bd_train_is_poisoned_like_bd_test(folder: Path, bd_train: ImageSet,
                                             bd_test: ImageSet) -> None:
     """The record's bd_train carries the trigger the model learnt, as bd_test does: the model's
     ASR on bd_train's poisoned samples is not far below its ASR on bd_test (samples the victim
-    trained on may score higher, so only a shortfall is bounded)."""
+    trained on may score higher, so only a shortfall is bounded). The allowed shortfall is 10
+    points plus two images of the smaller set: Semantic's backdoor test set is a subgroup of about
+    a dozen images, where one image is 8 points (seeds 0-2 x 1-2 threads: -0.17 to +0.14 there,
+    -0.065 or more for every other attack)."""
     from tests.outcomes import check
+    smallest = min(int(bd_train.poisoned.sum()), int(bd_test.poisoned.sum()))
     check("ASR on bd_train - ASR on bd_test",
-          record_asr(folder, bd_train) - record_asr(folder, bd_test), ">=", -0.1)
+          record_asr(folder, bd_train) - record_asr(folder, bd_test), ">=", -0.1 - 2 / smallest)

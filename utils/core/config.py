@@ -261,3 +261,20 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Con
         print_config(cfg)
         sys.exit(0)
     return cfg
+
+
+def config_from(options: dict[str, Option], values: dict, source: str) -> Config:
+    """The config of a call from Python (the defenses' purify()): the option table's defaults
+    overridden by keyword `values`, checked as the command line is (unknown keys with a hint,
+    types, choices, conflicts, bounds)."""
+    for key in values:
+        if key not in options:
+            raise _unknown_key_error(shown(key, 60), options, source)
+    given = {key: _coerce(key, options[key], value, source) for key, value in values.items()}
+    _check_conflicts(options, given, source)
+    merged = {key: option.default for key, option in options.items()} | given
+    check_bounds(options, merged)
+    cfg = Config(**merged, yaml_path=None)
+    cfg.sources = {**dict.fromkeys(merged, "default"), **dict.fromkeys(given, source),
+                   "yaml_path": "default"}
+    return cfg

@@ -11,6 +11,14 @@ from dataclasses import dataclass, replace
 import torch
 
 
+def _standard_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 @dataclass
 class ImageSet:
     images: torch.Tensor  # uint8 [N, C, H, W]
@@ -26,6 +34,11 @@ class ImageSet:
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), got "
                              f"{tuple(self.labels.shape)}")
+        if self.images.stride() != _standard_strides(self.images.shape):
+            # One layout for every source: a one-channel array numpy strides as (HW, 1, W, 1)
+            # reads as channels_last to torch, whose convolutions then round differently, so
+            # the same images from a record and from memory trained to other weights.
+            self.images = self.images.clone(memory_format=torch.contiguous_format)
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -29,7 +29,7 @@ def finetune(run, model, batches, *, phase: str = "finetune",
              penalty: Callable[[], torch.Tensor] | None = None,
              after_step: Callable[[], None] | None = None,
              epoch_stats: Callable[[], dict] | None = None) -> dict:
-    """Train all parameters of `model` for cfg.epochs on `batches` (run = the DefenseRun, whose
+    """Train all parameters of `model` for cfg.epochs on `batches` (run = the DefenseSession, whose
     cfg holds lr, epochs, momentum, weight_decay, amp). `epoch_stats()` adds columns to each
     epoch's row of <method>_df.csv. Returns the epoch count and the last epoch's loss and
     running train accuracy."""

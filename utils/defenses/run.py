@@ -19,11 +19,11 @@ from utils.core.errors import UserError, shown
 from utils.core.io import write_csv, write_json, write_text
 from utils.core.result_set import ResultSet, check_output_folder, seal
 from utils.data.datasets import clean_split, get_dataset
-from utils.data.images import ImageSet, Preprocess
+from utils.data.images import Preprocess
 from utils.data.record import load_attack_record, save_defense_result
 from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
-from utils.training.train import Batches, backdoor_metrics, eval_batch_size, record_model, \
-    resolve_device
+from utils.defenses.session import DefenseSession
+from utils.training.train import record_model, resolve_device
 
 DEFENSE_OPTIONS = {
     "result_file": Option(None, "record folder name under --record_dir (required)", str),
@@ -86,19 +86,19 @@ def select_subset(n: int, cfg) -> list[int]:
     return random.Random(cfg.seed).sample(range(n), k)
 
 
-def run_defense(cfg, method: str, purify: Callable[["DefenseRun"], dict]) -> dict:
+def run_defense(cfg, method: str, defend: Callable[[DefenseSession], dict]) -> dict:
     """The skeleton every defense runs on: load the record, evaluate the backdoored model, purify
-    it, evaluate again, write the result set. `purify(run)` is the defense's algorithm: it changes
-    run.model in place (timing its phases with run.timed) and returns the details for
-    summary.json."""
+    it, evaluate again, write the result set. `defend(session)` is the defense's algorithm: it
+    changes session.model in place (timing its phases with session.timed) and returns the details
+    for summary.json; the Python API runs the same function (utils/defenses/session.py)."""
     with DefenseRun(cfg, method) as run:
         before = run.timed("evaluation_before", run.evaluate)
-        details = purify(run)
+        details = defend(run)
         after = run.timed("evaluation_after", run.evaluate)
         return run.finish(before, after, details)
 
 
-class DefenseRun:
+class DefenseRun(DefenseSession):
     """Loads a record and everything a defense needs; writes the defense's outputs."""
 
     def __init__(self, cfg, method: str):
@@ -186,6 +186,8 @@ class DefenseRun:
         if cfg.retune_check:  # built now, so that a record it cannot use fails before the defense
             self.retune_set = retune_set(record, clean_train, self.defense_data, cfg, channels)
         self.preprocess = Preprocess(spec.mean, spec.std, channels, hflip=spec.hflip)
+        self.test_sets, self.curve_sets = (self.clean_test, self.bd_test), None
+        self.original = record.state_dict
         if cfg.curve_samples > 0:  # the same images after every epoch, so curves are comparable
             gen = torch.Generator().manual_seed(cfg.seed)
             self.curve_sets = tuple(
@@ -196,46 +198,6 @@ class DefenseRun:
                  self.linear_name, tuple(self.linear.weight.shape), spec.name,
                  len(self.defense_data), len(self.clean_test), len(self.bd_test))
         self.times["load"] = time.perf_counter() - t0
-
-    def batches(self, augment: bool = True, data: ImageSet | None = None):
-        """Shuffled, augmented mini-batches of `data` (default the defense subset): the one batch
-        source of every phase, the retuning check's included, so --loader applies to all."""
-        cfg, data = self.cfg, self.defense_data if data is None else data
-        if cfg.loader == "dataloader":
-            from utils.data.loader import DataLoaderBatches
-            return DataLoaderBatches(data, self.preprocess, cfg.batch_size, shuffle=True,
-                                     augment=augment, seed=cfg.seed)
-        return Batches(data, self.preprocess, cfg.batch_size, shuffle=True, augment=augment,
-                       seed=cfg.seed)
-
-    def evaluate(self, model=None, test_sets=None) -> dict:
-        """C-ACC, ASR, RA on the full test sets (or on `test_sets` = (clean, backdoor))."""
-        clean_test, bd_test = test_sets or (self.clean_test, self.bd_test)
-        return backdoor_metrics(model or self.model, clean_test, bd_test,
-                                self.preprocess, eval_batch_size(self.cfg.eval_batch_size,
-                                                                 self.device), self.cfg.amp)
-
-    def timed(self, phase: str, fn, *args):
-        """Call fn(*args), adding its wall time to the phase's total."""
-        t0 = time.perf_counter()
-        result = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
-        return result
-
-    def log_epoch(self, phase: str, epoch: int, stats: dict, optimizer, model) -> None:
-        row = {"phase": phase, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
-        if self.cfg.eval_every_epoch:
-            row.update(self.evaluate(model))
-        elif self.cfg.curve_samples > 0:
-            row.update({f"curve_{k}": v for k, v in self.evaluate(model, self.curve_sets).items()})
-        self.epochs.append(row)
-        log.info("%s", "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                 for k, v in row.items()))
-
-    def original_state(self) -> dict:
-        return {k: v.to(self.device) for k, v in self.record.state_dict.items()}
 
     def finish(self, before: dict, after: dict, details: dict) -> dict:
         """Write the result set into the stage: defense_result.pt, the retuning check's outcome,
