@@ -113,7 +113,7 @@ def test_find_classifier_default(name):
     assert layer is model.get_submodule(found)
 
 
-@pytest.mark.parametrize("name", model_names())  # every model the registry holds
+@pytest.mark.parametrize("name", ALL)  # the zoo's torchvision models: check_zoo_model below
 def test_every_registered_model_declares_its_classifier(name):
     declared = declared_classifier(name)
     assert declared, f"register_model({name!r}) names no classifier"
@@ -276,3 +276,44 @@ def test_register_model_adds_a_builder():
     finally:
         models._REGISTRY.pop("_test_tiny")
         models._CLASSIFIERS.pop("_test_tiny")
+
+
+# One model per torchvision family (models/torchvision_zoo.py), the smallest; `-m slow` builds all.
+ZOO_FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s",
+                "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2",
+                "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet50",
+                "resnext50_32x4d", "shufflenet_v2_x0_5", "swin_t", "swin_v2_t", "vgg11",
+                "vit_b_32", "wide_resnet50_2"]
+
+
+def check_zoo_model(name: str) -> None:
+    """Grey 28x28 Fashion-MNIST-sized input, 7 classes: builds, runs, and its declared classifier is
+    the nn.Linear with 7 outputs that find_classifier returns."""
+    torch.manual_seed(0)
+    model = build_model(name, 7, in_channels=1, image_size=28).eval()
+    declared = declared_classifier(name)
+    layer = model.get_submodule(declared)
+    assert isinstance(layer, nn.Linear) and layer.out_features == 7
+    assert find_classifier(model, 7, model_name=name) == (declared, layer)
+    assert input_channels(model.state_dict()) == 1
+    with torch.inference_mode():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ZOO_FAMILIES)
+def test_torchvision_family_builds_runs_and_declares_its_classifier(name):
+    check_zoo_model(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in model_names() if n not in ALL])
+def test_every_torchvision_model_builds_runs_and_declares_its_classifier(name):
+    check_zoo_model(name)
+
+
+def test_every_torchvision_classifier_is_registered_except_squeezenet():
+    import torchvision
+    listed = set(torchvision.models.list_models(module=torchvision.models))
+    assert {n for n in listed if not n.startswith("squeezenet")} <= set(model_names())
+    assert not any(n.startswith("squeezenet") for n in model_names())
+    assert {n for n in ZOO_FAMILIES} <= listed
