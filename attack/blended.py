@@ -18,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.attacks.run import ATTACK_OPTIONS, PoisoningAttack, run_attack  # noqa: E402
-from utils.attacks.triggers import blend, to_uint8  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.core.errors import UserError  # noqa: E402
-from utils.data.images import convert_channels  # noqa: E402
+from utils.data.triggers import blend, fit_pattern, load_image, to_uint8  # noqa: E402
 
 OPTIONS = {**ATTACK_OPTIONS,
            "alpha": Option(0.2, "blend weight of the pattern"),
@@ -36,16 +33,6 @@ OPTIONS = {**ATTACK_OPTIONS,
 
 PATTERN_SEED = 2017
 PATTERN_SIZE = 64
-
-
-def fit_pattern(pattern: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    """uint8 [C, h, w] -> uint8 [channels, height, width]: bilinear antialiased resize, then the
-    project's channel rule (grey repeated into RGB, RGB to grey by luma)."""
-    if pattern.shape[1:] != (height, width):
-        resized = F.interpolate(pattern[None].float(), size=(height, width), mode="bilinear",
-                                align_corners=False, antialias=True)[0]
-        pattern = to_uint8(resized)
-    return convert_channels(pattern[None], channels)[0]
 
 
 def procedural_pattern(channels: int, height: int, width: int) -> torch.Tensor:
@@ -63,14 +50,7 @@ def procedural_pattern(channels: int, height: int, width: int) -> torch.Tensor:
 
 def load_pattern(path: str, channels: int, height: int, width: int) -> torch.Tensor:
     require(Path(path).is_file(), f"--pattern {path} not found: pass an existing image file")
-    try:
-        with Image.open(path) as image:
-            rgb = np.array(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"--pattern {path} is not a readable image ({e}): pass a PNG or JPEG") \
-            from None
-    return fit_pattern(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), channels, height,
-                       width)
+    return fit_pattern(load_image(path, f"--pattern {path}")[0], channels, height, width)
 
 
 def blended_poison(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> torch.Tensor:

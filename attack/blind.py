@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import find_classifier  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
-from utils.attacks.triggers import normalize  # noqa: E402
+from utils.data.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 

@@ -42,7 +42,7 @@ from torch import nn  # noqa: E402
 
 from utils.attacks.controlled import Stepped, apply_in_chunks, share, to_unit  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, ControlledAttack, run_attack  # noqa: E402
-from utils.attacks.triggers import normalize  # noqa: E402
+from utils.data.triggers import normalize  # noqa: E402
 from utils.core.cli import main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
     run_attack  # noqa: E402
-from utils.attacks.triggers import normalize, to_uint8  # noqa: E402
+from utils.data.triggers import normalize, to_uint8  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.data.images import ImageSet  # noqa: E402

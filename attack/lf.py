@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
     run_attack  # noqa: E402
-from utils.attacks.triggers import add_signal, normalize  # noqa: E402
+from utils.data.triggers import add_signal, normalize  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.training.train import accuracy, predict  # noqa: E402

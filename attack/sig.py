@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.attacks.run import ATTACK_OPTIONS, PoisoningAttack, run_attack  # noqa: E402
-from utils.attacks.triggers import add_signal  # noqa: E402
+from utils.data.triggers import add_signal  # noqa: E402
 from utils.core.cli import main_guard  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import find_classifier  # noqa: E402
 from utils.attacks.run import ATTACK_OPTIONS, CLEAN_MODEL_OPTIONS, PoisoningAttack, \
     run_attack  # noqa: E402
-from utils.attacks.triggers import blend, normalize  # noqa: E402
+from utils.data.triggers import blend, normalize  # noqa: E402
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
 from utils.training.train import accuracy, predict  # noqa: E402

@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
-from utils.attacks.triggers import to_uint8 as _pixels_to_uint8
+from utils.data.triggers import to_uint8 as _pixels_to_uint8
 from utils.training.train import eval_batch_size
 
 
 def to_unit(x: torch.Tensor, preprocess) -> torch.Tensor:
-    """Normalized batch -> [0, 1] pixel values (the inverse of utils.attacks.triggers.normalize)."""
+    """Normalized batch -> [0, 1] pixel values (the inverse of utils.data.triggers.normalize)."""
     return x * preprocess.std.to(x.device) + preprocess.mean.to(x.device)
 
 

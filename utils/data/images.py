@@ -9,6 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from PIL import Image
+
+from utils.core.errors import UserError, shown
+
+# What image files (image folders, trigger pictures) may be: formats PIL decodes itself (no plugin
+# that runs an external program, as EPS does), and a pixel count far above any classifier's input
+# that stops a forged header from making us allocate gigabytes (checked before decoding).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "PPM", "WEBP", "GIF")
+MAX_IMAGE_PIXELS = 1 << 26  # 64 Mpx, e.g. 8192 x 8192
 
 
 def _standard_strides(shape) -> tuple[int, ...]:
@@ -129,3 +138,23 @@ class Preprocess:
             flip = torch.rand(n, generator=generator, device=gen_device).to(x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
+
+
+def open_image(path, what: str) -> Image.Image:
+    """PIL image of a file in one of IMAGE_FORMATS, its size checked before decoding; any failure
+    is one UserError naming `what` (e.g. '--trigger_patch x.png')."""
+    image = None
+    try:
+        image = Image.open(path, formats=IMAGE_FORMATS)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise UserError(f"{what} is {image.width} x {image.height} pixels, more than the "
+                            f"{MAX_IMAGE_PIXELS:,} allowed: resize it first")
+        image.load()
+        return image
+    except BaseException as e:
+        if image is not None:
+            image.close()
+        if isinstance(e, (OSError, ValueError, SyntaxError, Image.DecompressionBombError)):
+            raise UserError(f"{what} is not a readable {'/'.join(IMAGE_FORMATS)} image "
+                            f"({shown(e)}): replace or remove the file") from None
+        raise

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from utils.core.errors import UserError, shown
-from utils.data.images import ImageSet
+from utils.data.images import ImageSet, open_image
 
 
 @dataclass(frozen=True)
@@ -163,20 +163,18 @@ def first_missing(folder: Path, relative_paths) -> str | None:
 
 
 def read_images(paths: list[Path], size: tuple[int, int, int]) -> np.ndarray:
-    """Decode image files into uint8 [N, C, H, W] (RGB or grey as C says), resizing to (H, W) with
-    PIL bilinear where they differ. Decoding runs on a thread pool; the output keeps `paths` order."""
+    """Decode image files (IMAGE_FORMATS, size-checked: utils/data/images.py) into uint8
+    [N, C, H, W] (RGB or grey as C says), resizing to (H, W) with PIL bilinear where they differ.
+    Decoding runs on a thread pool; the output keeps `paths` order."""
     h, w, c = size
     out = np.empty((len(paths), c, h, w), dtype=np.uint8)
 
     def decode(i: int) -> None:
-        try:
-            with Image.open(paths[i]) as img:
-                img = img.convert("RGB" if c == 3 else "L")
-                if img.size != (w, h):
-                    img = img.resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UserError(f"cannot read image {paths[i]} ({e}): replace or remove the file") from None
+        with open_image(paths[i], f"image {paths[i]}") as img:
+            img = img.convert("RGB" if c == 3 else "L")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
         out[i] = arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
