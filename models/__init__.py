@@ -6,7 +6,11 @@ state and is deterministic given `torch.manual_seed`. `classifier` names the fin
 `num_classes` outputs, the layer ULRL scores and the defenses prune or reinitialize. Adding a model
 means adding one file here: the package imports every module in its folder when it is first imported.
 
-Nothing here downloads anything: pretrained weights come only from a local file (`weights_path`).
+Models of another library are a family, built on request under a prefix (`register_family`):
+`timm/<name>` for timm's models (models/timm_models.py; timm is optional).
+
+Nothing here downloads anything: weights come only from a local file (`weights_path` when training,
+`read_state_dict` + `load_aligned` for a model to defend: a state dict or .safetensors, wrapper prefixes handled).
 """
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ from torch import nn
 
 from utils.core.errors import UserError, shown
 
-__all__ = ["register_model", "model_names", "declared_classifier", "build_model",
-           "find_classifier", "input_channels", "load_weights", "strip_module_prefix"]
+__all__ = ["register_model", "register_family", "model_names", "declared_classifier",
+           "build_model", "find_classifier", "input_channels", "load_weights",
+           "strip_module_prefix", "read_state_dict", "load_aligned"]
 
 Builder = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
 _CLASSIFIERS: dict[str, str | None] = {}  # model name -> dotted name of its classifier
+# prefix ('timm/') -> (builder(name after the prefix, num_classes, in_channels, image_size),
+# classifier(model) -> dotted name): models another library names, built on request
+_FAMILIES: dict[str, tuple[Callable[..., nn.Module], Callable[[nn.Module], str]]] = {}
 
 
 def register_model(name: str, classifier: str | None = None):
@@ -42,6 +50,19 @@ def register_model(name: str, classifier: str | None = None):
         return fn
 
     return deco
+
+
+def register_family(prefix: str, build: Callable[..., nn.Module],
+                    classifier: Callable[[nn.Module], str]) -> None:
+    """Models named `<prefix><name>` (e.g. 'timm/resnet18'): `build(name, num_classes,
+    in_channels, image_size)` validates the name against its library and builds the model;
+    `classifier(model)` gives its classifier's dotted name."""
+    _FAMILIES[prefix.lower()] = (build, classifier)
+
+
+def _family(name: str | None):
+    key = str(name).lower()
+    return next(((p, f) for p, f in _FAMILIES.items() if key.startswith(p)), (None, None))
 
 
 def model_names() -> list[str]:
@@ -62,14 +83,20 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     weight except the classifier, which keeps its fresh initialization.
     """
     key = str(name).lower()
-    if key not in _REGISTRY:
+    prefix, family = _family(key)
+    if key not in _REGISTRY and family is None:
         raise UserError(f"unknown model '{shown(name, 60)}': choose one of "
-                        f"{', '.join(model_names())}")
+                        f"{', '.join(model_names())}, or "
+                        f"{' '.join(p + '<name>' for p in _FAMILIES)}")
     if int(num_classes) < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}: check the data set's class count")
     if int(in_channels) < 1:
         raise UserError(f"in_channels must be >= 1, got {in_channels}: use 1 (grey) or 3 (RGB)")
-    model = _REGISTRY[key](int(num_classes), int(in_channels), int(image_size))
+    if family is not None:
+        model = family[0](str(name)[len(prefix):], int(num_classes), int(in_channels),
+                          int(image_size))
+    else:
+        model = _REGISTRY[key](int(num_classes), int(in_channels), int(image_size))
     if weights_path is not None:
         _load_pretrained(model, key, int(num_classes), weights_path)
     return model
@@ -98,7 +125,8 @@ def find_classifier(model: nn.Module, num_classes: int, name: str | None = None,
     built elsewhere) the last nn.Linear (registration order) with `out_features == num_classes`."""
     if name:
         return name, _named_linear(model, name, "pass --linear_name as one of the")
-    declared = declared_classifier(model_name)
+    family = _family(model_name)[1]
+    declared = declared_classifier(model_name) or (family[1](model) if family else None)
     if declared:
         layer = _named_linear(model, declared, f"model '{model_name}' declares its classifier as "
                                                f"{declared!r}; pass --linear_name as one of the")
@@ -195,30 +223,77 @@ def load_weights(model: nn.Module, state_dict) -> None:
                         f"({shown(e)}): the record is damaged") from None
 
 
-def _read_state_dict(path) -> dict:
+# Nested checkpoints: {'state_dict': ...} (Lightning), {'model': ...}, {'model_state_dict': ...}
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
+# Key prefixes of wrappers: DataParallel / DDP ('module.'), torch.compile ('_orig_mod.')
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path, option: str = "--weights_path") -> dict:
+    """The tensors of a LOCAL weights file: `.safetensors`, or a torch.save'd state dict (or a
+    checkpoint dict holding one under CHECKPOINT_KEYS) read with weights_only=True, which refuses
+    pickled code. `option` names the flag in error messages."""
     if not os.path.isfile(path):
-        raise UserError(f"weights file {str(path)!r} not found: give --weights_path as an existing "
+        raise UserError(f"weights file {str(path)!r} not found: give {option} as an existing "
                         f"local state-dict file (nothing is downloaded)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise UserError(f"{option} {str(path)!r} is a .safetensors file, which needs the "
+                                "safetensors package: pip install safetensors") from None
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read weights file {str(path)!r} ({first}): save it with "
-                        f"torch.save(model.state_dict(), path)") from None
+        raise UserError(f"cannot read weights file {str(path)!r} ({shown(first)}): save it with "
+                        f"torch.save(model.state_dict(), path) or safetensors") from None
     if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
-        for inner in ("state_dict", "model", "model_state_dict"):
+        for inner in CHECKPOINT_KEYS:
             if isinstance(obj.get(inner), dict):
                 obj = obj[inner]
                 break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise UserError(f"weights file {str(path)!r} does not hold a state dict of tensors: save it "
                         f"with torch.save(model.state_dict(), path)")
+    problem = state_dict_problem(obj)
+    if problem:
+        raise UserError(f"weights file {str(path)!r}: entry '{shown(problem[0])}' {problem[1]}")
     return obj
 
 
+def state_dict_problem(sd: dict) -> tuple[str, str] | None:
+    """(key, what is wrong) of the first entry that is not a usable weight: a name mapped to a
+    dense real tensor, finite, with BatchNorm variances >= 0; None when all are."""
+    for key, value in sd.items():
+        if not isinstance(key, str) or not torch.is_tensor(value) or \
+                value.layout != torch.strided or value.is_complex() or value.is_quantized:
+            return shown(key), "is not a name with a dense real tensor"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return key, "holds NaN or inf values (not finite): the weights are broken"
+        if key.endswith("running_var") and bool((value < 0).any()):
+            return key, "holds a negative BatchNorm variance: the weights are broken"
+    return None
+
+
+def _strip_wrappers(sd: dict) -> dict:
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            return _strip_wrappers({k[len(prefix):]: v for k, v in sd.items()})
+    return sd
+
+
 def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
-    """Add the prefix a wrapper adds (e.g. '1.' for Sequential(Resize, vit)) when the file holds
-    the bare inner model's keys and none of them match directly."""
+    """The keys of `sd` made to meet the model's when none do as they are: wrapper prefixes
+    (WRAPPER_PREFIXES) dropped, then a prefix the model adds (e.g. '1.' for Sequential(Resize,
+    vit)) added, or one the file adds (e.g. Lightning's 'model.') dropped."""
+    if any(k in sd for k in model_keys):
+        return sd
+    sd = _strip_wrappers(sd)
     if any(k in sd for k in model_keys):
         return sd
     first = next(iter(sd))
@@ -228,12 +303,28 @@ def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
             moved = {prefix + k: v for k, v in sd.items()}
             if any(k in moved for k in model_keys):
                 return moved
+        if first.endswith("." + mk) and all(k.startswith(first[:-len(mk)]) for k in sd):
+            moved = {k[len(first) - len(mk):]: v for k, v in sd.items()}
+            if any(k in moved for k in model_keys):
+                return moved
     return sd
+
+
+def load_aligned(model: nn.Module, state_dict: dict, where: str) -> None:
+    """Load a file's state dict (read_state_dict) into `model`, its keys aligned (_align_prefix);
+    a mismatch is one UserError naming `where` and listing what differs."""
+    sd = _align_prefix(state_dict, list(model.state_dict()))
+    missing, unexpected, shapes = _diff(model.state_dict(), sd)
+    if missing or unexpected or shapes:
+        raise UserError(f"{where} does not fit the {type(model).__name__} model ("
+                        f"{_mismatch_text(missing, unexpected, shapes)}): check --model, "
+                        f"--num_classes and the input channels (weights of another architecture?)")
+    load_weights(model, sd)
 
 
 def _load_pretrained(model: nn.Module, name: str, num_classes: int, path) -> None:
     model_sd = model.state_dict()
-    sd = _align_prefix(strip_module_prefix(_read_state_dict(path)), list(model_sd))
+    sd = _align_prefix(strip_module_prefix(read_state_dict(path)), list(model_sd))
     cls_name, _ = find_classifier(model, num_classes, model_name=name)
     cls_keys = {f"{cls_name}.weight", f"{cls_name}.bias"}
     # a classifier trained on another class count (e.g. ImageNet's 1000) is left freshly initialized

@@ -75,11 +75,12 @@ def open_folder(base, parts, create: bool):
     return fd
 
 
-def check_output_folder(record_folder, method: str) -> Path:
-    """Fail before any long computation if record_folder/defense/<method> could not be written
-    (a link, a file, no permission). Creates nothing, so a run refused here leaves no folder."""
-    out = Path(record_folder) / "defense" / method
-    fd = open_folder(record_folder, ["defense"], create=False)
+def check_output_folder(record_folder, method: str, below: tuple[str, ...] = ("defense",)) -> Path:
+    """Fail before any long computation if record_folder/defense/<method> (or the folders
+    `below` instead of defense/) could not be written (a link, a file, no permission). Creates
+    nothing, so a run refused here leaves no folder."""
+    out = Path(record_folder).joinpath(*below, method)
+    fd = open_folder(record_folder, list(below), create=False)
     if fd is not None:
         try:
             _check_final(fd, out)
@@ -143,17 +144,18 @@ def _lock(dir_fd: int, name: str, out: Path) -> int:
 
 class ResultSet:
     """`with ResultSet(record_folder, method) as result:` write into result.stage; leaving the
-    block without an exception swaps the stage into place as record_folder/defense/<method>,
-    leaving it with one removes the stage. The lock is held in between."""
+    block without an exception swaps the stage into place as record_folder/defense/<method> (or
+    the folders `below` instead of defense/), leaving it with one removes the stage. The lock is
+    held in between."""
 
-    def __init__(self, record_folder, method: str):
-        self.final = Path(record_folder) / "defense" / method
-        self.record_folder, self.method = Path(record_folder), method
+    def __init__(self, record_folder, method: str, below: tuple[str, ...] = ("defense",)):
+        self.final = Path(record_folder).joinpath(*below, method)
+        self.record_folder, self.method, self.below = Path(record_folder), method, list(below)
         self.stage: Path | None = None
         self._dir = self._lock = None
 
     def __enter__(self) -> "ResultSet":
-        self._dir = open_folder(self.record_folder, ["defense"], create=True)
+        self._dir = open_folder(self.record_folder, self.below, create=True)
         try:
             self._lock = _lock(self._dir, f".{self.method}.lock", self.final)
             _check_final(self._dir, self.final)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from models import strip_module_prefix
-from utils.core.errors import shown
+from models import state_dict_problem, strip_module_prefix
 from utils.core.io import torch_save
 from utils.data.images import ImageSet
 from utils.data.split import BackdoorSplit, as_int, dataset_state, need, parse_split
@@ -48,16 +47,8 @@ class AttackRecord:
 
 def _check_state_dict(sd, where, key: str) -> dict:
     need(isinstance(sd, Mapping) and len(sd) > 0, where, key, "must be a non-empty state dict")
-    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
-           or v.layout != torch.strided or v.is_complex() or v.is_quantized]
-    need(not bad, where, key, f"must map names to dense real tensors (bad entry "
-                              f"'{shown(bad[0]) if bad else ''}')")
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    need(not broken, where, f"{key}.{shown(broken[0]) if broken else ''}",
-         "holds NaN or inf values (not finite): the weights are broken")
-    negative = [k for k, v in sd.items() if k.endswith("running_var") and bool((v < 0).any())]
-    need(not negative, where, f"{key}.{shown(negative[0]) if negative else ''}",
-         "holds a negative BatchNorm variance: the weights are broken")
+    problem = state_dict_problem(sd)
+    need(problem is None, where, key, f"entry '{problem[0]}' {problem[1]}" if problem else "")
     return strip_module_prefix(sd)
 
 

@@ -28,6 +28,7 @@ from models import find_classifier
 from utils.core.cli import log, require, seed_everything, set_threads
 from utils.core.config import config_from
 from utils.data.images import ImageSet, Preprocess
+from utils.defenses.sources import MODEL_FILE_OPTIONS
 from utils.training.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, \
     to_device
 
@@ -132,11 +133,12 @@ class ModelSession(DefenseSession):
         self.linear_name, self.linear = find_classifier(self.model, num_classes, cfg.linear_name)
 
 
-# Options about records, their data and output folders: a call from Python brings its own model
-# and images and writes nothing, so they are not its keywords.
-RECORD_OPTIONS = ("result_file", "record_dir", "dataset", "model", "dataset_path", "ratio", "index",
-                  "tag", "plots", "trust_record", "retune_check", "retune_clean",
-                  "retune_poison_ratio", "retune_epochs", "retune_lr")
+# Options about records, model files, their data and output folders: a call from Python brings its
+# own model and images and writes nothing, so they are not its keywords.
+RECORD_OPTIONS = ("result_file", "record_dir", "dataset", "model", "dataset_path", "ratio",
+                  "defense_samples", "index", "tag", "plots", "output_dir", "trust_record",
+                  "retune_check", "retune_clean", "retune_poison_ratio", "retune_epochs",
+                  "retune_lr", *MODEL_FILE_OPTIONS)
 
 
 def python_api(options: dict, defend, method: str):

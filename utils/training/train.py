@@ -194,11 +194,14 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return (pred == labels.to(pred.device)).float().mean().item() if len(labels) else float("nan")
 
 
-def backdoor_metrics(model, clean_test: ImageSet, bd_test: ImageSet, preprocess: Preprocess,
-                     batch_size: int = 256, amp: bool = True) -> dict:
+def backdoor_metrics(model, clean_test: ImageSet, bd_test: ImageSet | None,
+                     preprocess: Preprocess, batch_size: int = 256, amp: bool = True) -> dict:
     """BackdoorBench's metrics: C-ACC on the clean test set, ASR = share of backdoor test samples
-    predicted as the backdoor label, RA = share predicted as their true class."""
+    predicted as the backdoor label, RA = share predicted as their true class (C-ACC only
+    without a backdoor test set)."""
     clean_pred = predict(model, clean_test, preprocess, batch_size, amp)
+    if bd_test is None:
+        return {"test_acc": accuracy(clean_pred, clean_test.labels)}
     bd_pred = predict(model, bd_test, preprocess, batch_size, amp)
     return {"test_acc": accuracy(clean_pred, clean_test.labels),
             "test_asr": accuracy(bd_pred, bd_test.labels),
