@@ -8,8 +8,9 @@ The sweep on a SLURM cluster: one array task = one (record, defense) pair.
   bash sh/slurm_sweep.sh --sbatch "--partition gpu --gres gpu:1 --time 1:00:00" --defenses "ft ulrl"
   bash sh/slurm_sweep.sh --sbatch "--cpus-per-task 2" 'badnet_*'     # a cluster without GPUs
 
-Lists the unfinished pairs with `sh/sweep.sh --task_list` (same options: --record_dir, --defenses,
---tag, --force, patterns, extra arguments) into <record_dir>/slurm/tasks-<time>.txt and submits
+Lists the unfinished pairs with `sh/sweep.sh --task_list` (same options: --record_dir,
+--defenses, --tag, --force, patterns, extra arguments) into
+<record_dir>/slurm/tasks-<time>-<random>.txt and submits
 `sbatch --array=1-N <ARGS> sh/slurm_sweep.sh --task <file>`; array task i runs line i of the file,
 its output in <record_dir>/slurm/<job>_<i>.out. --sbatch replaces the default "--gres=gpu:1" (a
 cluster without GPUs refuses that: pass --sbatch with your partition, time, CPUs). To resume after
@@ -50,7 +51,8 @@ if [ $dry -eq 1 ]; then  # a dry run leaves nothing behind
   tasks=$(mktemp); trap 'rm -f "$tasks"' EXIT
 else
   mkdir -p "$record_dir/slurm"
-  tasks="$record_dir/slurm/tasks-$(date +%Y%m%d-%H%M%S).txt"
+  # a unique name: a second submission in the same second must not replace a running array's list
+  tasks=$(mktemp "$record_dir/slurm/tasks-$(date +%Y%m%d-%H%M%S)-XXXXXX.txt")
 fi
 bash "$ROOT/sh/sweep.sh" --task_list "$tasks" "${sweep[@]+"${sweep[@]}"}" || true
 n=$(wc -l < "$tasks")
