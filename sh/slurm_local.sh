@@ -14,7 +14,8 @@ A single-node SLURM cluster on this machine, for trying sh/slurm_sweep.sh and it
   status  print whether each daemon runs, and the node's state.
 
 State and logs live under /var/lib/slurm-local and /var/log/slurm-local. An existing
-/etc/slurm/slurm.conf that this script did not write is never replaced.
+/etc/slurm/slurm.conf that this script did not write is never replaced. After the machine's CPUs
+or memory changed: stop, then start. Jobs run at the nice value of the sbatch that submitted them.
 EOF
 }
 set -euo pipefail
@@ -117,10 +118,15 @@ start() {
   wait_for_node "$host"
 }
 
-stop() {
-  local pidfile
+stop() {  # and wait until each has exited, so that a start right after starts it anew
+  local pidfile pid
   for pidfile in "$SLURMD_PID" "$CTLD_PID" "$MUNGE_PID"; do
-    if running "$pidfile"; then kill "$(cat "$pidfile")"; echo "stopped $(basename "$pidfile" .pid)"; fi
+    running "$pidfile" || continue
+    pid=$(cat "$pidfile")
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then die "$(basename "$pidfile" .pid) (pid $pid) did not stop in 10 s"; fi
+    echo "stopped $(basename "$pidfile" .pid)"
   done
 }
 
