@@ -193,7 +193,7 @@ def test_long_loads_in_pandas_as_a_tidy_table(records, tmp_path):
     assert wide.loc[("bn", "ulrl"), "der"] == pytest.approx(0.98)
 
 
-def test_long_takes_defenses_and_summary_files_and_refuses_update(records, tmp_path, capsys):
+def test_long_takes_defenses_and_summary_files_and_refuses_update_and_lines(records, tmp_path, capsys):
     assert main([str(records), "--out", str(tmp_path / "t"), "--long", "--defenses", "ft"]) == 0
     assert {r["defense"] for r in read_csv(tmp_path / "t.csv")} == {"ft"}
     assert main([str(records / "bn/defense/ulrl/summary.json"), "--long",
@@ -202,3 +202,6 @@ def test_long_takes_defenses_and_summary_files_and_refuses_update(records, tmp_p
     with pytest.raises(SystemExit) as exit_:
         main([str(records), "--long", "--update", str(tmp_path / "t.csv")])
     assert exit_.value.code == 2 and "does not combine with --long" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(records), "--long", "--lines"])  # --long is a table mode, not lines
+    assert exit_.value.code == 2 and "not allowed with argument --long" in capsys.readouterr().err

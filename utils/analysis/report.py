@@ -292,16 +292,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compact", action="store_true",
                         help="Markdown: one column per defense with its metrics joined by ' / ' "
                              "(the CSV keeps one column per value)")
-    parser.add_argument("--long", action="store_true",
-                        help="OUT.csv in tidy form: one row per record, defense and metric "
-                             "(before/after C-ACC, ASR, RA, C-ACC change, DER, retune, time), "
-                             "fractions, no average rows (those stay in OUT.md)")
     parser.add_argument("--update", metavar="OLD.csv",
                         help="an earlier report's CSV: its rows of records without a result here "
                              "are kept, the others replaced, the averages recomputed")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
+    mode.add_argument("--long", action="store_true",
+                      help="OUT.csv in tidy form: one row per record, defense and metric "
+                           "(before/after C-ACC, ASR, RA, C-ACC change, DER, retune, time), "
+                           "fractions, no average rows (those stay in OUT.md)")
     args = parser.parse_args(argv)
     if args.long and args.update:
         parser.error("--update rebuilds a wide report CSV; it does not combine with --long")
