@@ -29,12 +29,13 @@ SWEEP = ["--defenses", "ft fst", "--sbatch", "--cpus-per-task 1 --time 30", "--"
 
 @pytest.fixture(scope="module")
 def controller():
-    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        pytest.skip("no SLURM here (sbatch, squeue not found): bash sh/slurm_local.sh installs and "
-                    "starts a single-node one")
+    if not all(shutil.which(tool) for tool in ("sbatch", "squeue", "scontrol")):
+        pytest.skip("no SLURM here (sbatch, squeue or scontrol not found): bash sh/slurm_local.sh "
+                    "installs and starts a single-node one")
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        pytest.skip(f"no SLURM controller answers (scontrol ping: {ping.stdout.strip()}): "
+        said = " ".join(line.strip() for line in ping.stdout.splitlines() if line.strip("* \n"))
+        pytest.skip(f"no SLURM controller answers (scontrol ping: {said}): "
                     "bash sh/slurm_local.sh starts one")
 
 
