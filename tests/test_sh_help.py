@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "sh").glob("*.sh"))
 # what the scripts start: the project's Python, installers, schedulers, GPU and CPU tools
@@ -35,8 +37,8 @@ def test_there_are_scripts():
 def test_help_is_a_usage_text_and_runs_nothing(script, flag, watched_path, tmp_path):
     path, calls = watched_path
     start = time.monotonic()
-    done = subprocess.run(["bash", str(script), flag], capture_output=True, text=True, timeout=30,
-                          cwd=tmp_path, env={**os.environ, "PATH": path})
+    done = subprocess.run(["bash", str(script), flag], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, cwd=tmp_path, env={**os.environ, "PATH": path})
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: ") and f"sh/{script.name}" in done.stdout.splitlines()[0]
@@ -44,4 +46,4 @@ def test_help_is_a_usage_text_and_runs_nothing(script, flag, watched_path, tmp_p
     assert not any(line.startswith("#") for line in done.stdout.splitlines())  # no script lines
     assert done.stderr == ""
     assert not calls.exists(), f"--help ran: {calls.read_text()}"
-    assert elapsed < 10
+    assert elapsed < 60  # bash prints a usage text in milliseconds; this catches one that works

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import needs_fashion_mnist, tiny_record
+from tests.helpers import HANG_GUARD_S, needs_fashion_mnist, tiny_record
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
-ARRAY_TIMEOUT_S = 900  # many times the ~20 s the 2 x 2 array takes here
+ARRAY_TIMEOUT_S = 1800  # only catches a stuck array: the 2 x 2 one took under 25 s here
 # the cheapest defenses, one epoch on 0.2 % of the training set, one thread per task
 SWEEP = ["--defenses", "ft fst", "--sbatch", "--cpus-per-task 1 --time 30", "--",
          "--epochs", "1", "--ratio", "0.002", "--threads", "1", "--plots", "false"]
@@ -45,7 +45,7 @@ def slurm_sweep(record_dir: Path):
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     done = subprocess.run(["bash", str(ROOT / "sh/slurm_sweep.sh"), "--record_dir",
                            str(record_dir), *SWEEP], capture_output=True, text=True,
-                          timeout=600, cwd=record_dir, env={**os.environ, "PATH": path})
+                          timeout=HANG_GUARD_S, cwd=record_dir, env={**os.environ, "PATH": path})
     assert done.returncode == 0, done.stdout + done.stderr
     job = re.search(r"^Submitted batch job (\d+)$", done.stdout, re.M)
     return done.stdout, job and job.group(1)
