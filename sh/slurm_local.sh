@@ -135,7 +135,7 @@ status() {
   for pidfile in "$MUNGE_PID" "$CTLD_PID" "$SLURMD_PID"; do
     if running "$pidfile"; then echo "$(basename "$pidfile" .pid): running"; else echo "$(basename "$pidfile" .pid): not running"; fi
   done
-  command -v sinfo >/dev/null && sinfo 2>&1 || true
+  if command -v sinfo >/dev/null; then sinfo 2>&1 || true; fi
 }
 
 case "${1:-start}" in
