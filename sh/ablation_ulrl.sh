@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# ULRL's ablations (paper Sec. V, Appendices C-E, RQ3): each variant is ULRL with one setting
-# changed, written to defense/ulrl_<variant>/ and run through sh/sweep.sh (resumable, one job per
-# GPU, --dry-run), then one table of the study's variants (utils/analysis/report.py) per model.
-#
-#   bash sh/ablation_ulrl.sh STUDY [SWEEP OPTIONS] [NAME_OR_GLOB...] [-- EXTRA ULRL ARGS]
-#   bash sh/ablation_ulrl.sh dispersion 'badnet_*'
-#   bash sh/ablation_ulrl.sh all --dry-run
-#
-#   alpha        alpha-0 ... alpha-1: --alpha 0, 0.1, 0.3, 0.7, 1.0 (Appendix E; 0.1 is Fashion-MNIST's)
-#   tau          tau-2 ... tau-4: --tau 2, 2.5, 3, 3.5, 4 (Table VII)
-#   ht           ht-1 ... ht-10: --ht 1, 2, 3, 5, 10 (Table VIII)
-#   dispersion   dispersion-mad|sd|iqr: --dispersion (Appendix C)
-#   regularizer  regularizer-cosine|inner|none: --regularizer (Table V, Appendix D)
-#   random       random-k1 ... random-k10: --selection random --random_k 1, 2, 5, 10 (Table VI)
-#   ratio        ratio-0.001 ... ratio-0.1: --ratio 0.001 ... 0.1 (RQ3, Fig. 7)
-#   stop_rule    stop_rule-epoch|step: --stop_rule (the public code's rule or the paper's)
-#   all          every study above
-#
-# The table goes to <record_dir>/ablation_<study>.md and .csv.
+usage() {
+  cat <<'EOF'
+Usage: bash sh/ablation_ulrl.sh STUDY [SWEEP OPTIONS] [NAME_OR_GLOB...] [-- EXTRA ULRL ARGS]
+
+ULRL's ablations (paper Sec. V, Appendices C-E, RQ3): each variant is ULRL with one setting
+changed, written to defense/ulrl_<variant>/ and run through sh/sweep.sh (resumable, one job per
+GPU, --dry-run; its options apply), then one table of the study's variants
+(utils/analysis/report.py) per model.
+
+  bash sh/ablation_ulrl.sh dispersion 'badnet_*'
+  bash sh/ablation_ulrl.sh all --dry-run
+
+Studies:
+  alpha        alpha-0 ... alpha-1: --alpha 0, 0.1, 0.3, 0.7, 1.0 (Appendix E; 0.1 is Fashion-MNIST's)
+  tau          tau-2 ... tau-4: --tau 2, 2.5, 3, 3.5, 4 (Table VII)
+  ht           ht-1 ... ht-10: --ht 1, 2, 3, 5, 10 (Table VIII)
+  dispersion   dispersion-mad|sd|iqr: --dispersion (Appendix C)
+  regularizer  regularizer-cosine|inner|none: --regularizer (Table V, Appendix D)
+  random       random-k1 ... random-k10: --selection random --random_k 1, 2, 5, 10 (Table VI)
+  ratio        ratio-0.001 ... ratio-0.1: --ratio 0.001 ... 0.1 (RQ3, Fig. 7)
+  stop_rule    stop_rule-epoch|step: --stop_rule (the public code's rule or the paper's)
+  all          every study above
+
+The table goes to <record_dir>/ablation_<study>.md and .csv.
+EOF
+}
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,7 +46,8 @@ variants() {  # study -> lines "tag ULRL-ARGS..."
 
 study="${1:-}"
 case "$study" in
-  -h|--help|"") sed -n '2,22p' "$0"; [ -n "$study" ]; exit $? ;;
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
   all) studies=$STUDIES ;;
   *) variants "$study" >/dev/null || { echo "unknown study '$study': one of $STUDIES all" >&2; exit 2; }
      studies=$study ;;

@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# The demo: a BadNets record on Fashion-MNIST with the small CNN, defended by ULRL, before/after table.
+usage() {
+  cat <<'EOF'
+Usage: bash sh/demo.sh [EXTRA ATTACK ARGS]
+
+The demo: installs what is missing (sh/install.sh), makes a BadNets record on Fashion-MNIST with
+the small CNN (record/demo_badnet_fashion_mnist, remade each time), defends it with ULRL and prints
+C-ACC, ASR and RA before and after. Arguments go to attack/badnet.py (e.g. --device cpu).
+EOF
+}
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash sh/install.sh

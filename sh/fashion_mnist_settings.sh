@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
-# How config/defense/ulrl/fashion_mnist.yaml was chosen (README "Choosing the Fashion-MNIST settings"):
-# BadNets / smallcnn records with attack seeds 0-2, a relearn_lr x alpha grid on seed 0, and the chosen
-# settings on every seed. About 15 minutes on 2 CPU cores. Records go to ${RECORD_DIR:-/tmp/fm_settings}.
+usage() {
+  cat <<'EOF'
+Usage: [RECORD_DIR=DIR] bash sh/fashion_mnist_settings.sh
+
+How config/defense/ulrl/fashion_mnist.yaml was chosen (README "Choosing the Fashion-MNIST
+settings"): BadNets / smallcnn records with attack seeds 0-2, a relearn_lr x alpha grid on seed 0,
+and the chosen settings on every seed (8 min 46 s on 2 CPU cores, README). Records go to $RECORD_DIR
+(default /tmp/fm_settings); existing ones are reused. Takes no arguments.
+EOF
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") ;;
+  *) echo "unknown argument '$1' (bash sh/fashion_mnist_settings.sh --help)" >&2; exit 2 ;;
+esac
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${RECORD_DIR:-/tmp/fm_settings}"

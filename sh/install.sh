@@ -1,6 +1,18 @@
 #!/usr/bin/env bash
-# Installs what the project needs: the Python packages, and Debian's Fashion-MNIST package (the demo's
-# and tests' data) where apt is available. Safe to run again.
+usage() {
+  cat <<'EOF'
+Usage: bash sh/install.sh
+
+Installs what the project needs: the Python packages of requirements.txt (pip), and Debian's
+Fashion-MNIST package (the demo's and tests' data) where apt is available and neither it nor
+data/fashion_mnist/ is there. Safe to run again. Takes no arguments.
+EOF
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") ;;
+  *) echo "unknown argument '$1' (bash sh/install.sh --help)" >&2; exit 2 ;;
+esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Make the attack suite for one data set and model: one record per attack in attack/*.py.
-#
-#   bash sh/make_records.sh [--dataset D] [--model M] [--record_dir DIR] [--attacks "a b ..."]
-#                           [--force] [--dry-run] [-- EXTRA ATTACK ARGS]
-#   bash sh/make_records.sh --dataset fashion_mnist --model smallcnn
-#   bash sh/make_records.sh --dataset cifar10 --attacks "badnet blended" -- --device cuda:1
-#
-# Each attack reads config/attack/<attack>/<dataset>.yaml when it exists, else default.yaml, with
-# --dataset and --model overriding the yaml. Records are named <attack>_<dataset>_<model>; existing
-# ones are skipped unless --force. An attack that fails (or refuses the data set) is reported and the
-# others still run; the exit code is 1 if any failed. One line per attack; its full output is kept in
-# <record_dir>/logs/<record>.txt.
+usage() {
+  cat <<'EOF'
+Usage: bash sh/make_records.sh [--dataset D] [--model M] [--record_dir DIR] [--attacks "a b ..."]
+                               [--force] [--dry-run] [-- EXTRA ATTACK ARGS]
+
+Make the attack suite for one data set and model: one record per attack in attack/*.py.
+
+  bash sh/make_records.sh --dataset fashion_mnist --model smallcnn
+  bash sh/make_records.sh --dataset cifar10 --attacks "badnet blended" -- --device cuda:1
+
+Each attack reads config/attack/<attack>/<dataset>.yaml when it exists, else default.yaml, with
+--dataset and --model overriding the yaml (defaults: fashion_mnist, smallcnn, every attack, record
+folder "record"). Records are named <attack>_<dataset>_<model>; existing ones are skipped unless
+--force. An attack that fails (or refuses the data set) is reported and the others still run; the
+exit code is 1 if any failed. One line per attack; its full output is kept in
+<record_dir>/logs/<record>.txt. --dry-run prints the commands instead of running them.
+EOF
+}
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -24,7 +30,7 @@ while [ $# -gt 0 ]; do
     --force) force=1 ;;
     --dry-run) dry=1 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "unknown argument '$1' (bash sh/make_records.sh --help)" >&2; exit 2 ;;
   esac
   shift

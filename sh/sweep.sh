@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Run defenses over attack records: every (record, defense) pair, resumable, one job per GPU.
-#
-#   bash sh/sweep.sh [OPTIONS] [NAME_OR_GLOB...] [-- EXTRA DEFENSE ARGS]
-#   bash sh/sweep.sh --defenses "ft ulrl" 'badnet_*' -- --retune_check
-#   bash sh/sweep.sh --dry-run          # the commands of every unfinished pair, as a runnable script
-#
-#   --record_dir DIR   folder of the records (default: record)
-#   --defenses "A B"   defenses to run (default: every defense/*.py)
-#   --tag TAG          pass --tag TAG, results in defense/<method>_<TAG>/ (variants of any defense)
-#   --force            rerun pairs that already have a summary.json (default: skip them)
-#   --jobs N           parallel jobs (default: one per GPU that nvidia-smi -L lists, each with its
-#                      own CUDA_VISIBLE_DEVICES; 1 without GPUs)
-#   --dry-run          print the commands instead of running them
-#   --task_list FILE   write the unfinished pairs' commands to FILE, one per line (sh/slurm_sweep.sh)
-#
-# Records: the folders under --record_dir with an attack_result.pt (default: all). Each pair reads
-# config/defense/<method>/<dataset>_<model>.yaml, else <dataset>.yaml, else default.yaml, unless
-# --yaml_path is among the extra arguments; dataset and model come from the record's
-# attack_summary.json, else from its attack_result.pt, and must be registered names (a record is
-# untrusted: utils/analysis/sweep_tools.py). A pair is done when its summary.json is a result this user's
-# runs sealed (a record can ship files of its own). A pair's output is kept in
-# <record_dir>/<record>/defense/<method>_run.txt (never written through a link) and one result line
-# is printed (utils/analysis/report.py). Exit code 1 if a pair failed or a pattern matched no record.
+usage() {
+  cat <<'EOF'
+Usage: bash sh/sweep.sh [OPTIONS] [NAME_OR_GLOB...] [-- EXTRA DEFENSE ARGS]
+
+Run defenses over attack records: every (record, defense) pair, resumable, one job per GPU.
+
+  bash sh/sweep.sh --defenses "ft ulrl" 'badnet_*' -- --retune_check
+  bash sh/sweep.sh --dry-run          # the commands of every unfinished pair, as a runnable script
+
+Options:
+  --record_dir DIR   folder of the records (default: record)
+  --defenses "A B"   defenses to run (default: every defense/*.py)
+  --tag TAG          pass --tag TAG, results in defense/<method>_<TAG>/ (variants of any defense)
+  --force            rerun pairs that already have a summary.json (default: skip them)
+  --jobs N           parallel jobs (default: one per GPU that nvidia-smi -L lists, each with its
+                     own CUDA_VISIBLE_DEVICES; 1 without GPUs)
+  --dry-run          print the commands instead of running them
+  --task_list FILE   write the unfinished pairs' commands to FILE, one per line (sh/slurm_sweep.sh)
+  -h, --help         this text
+
+Records: the folders under --record_dir with an attack_result.pt (default: all). Each pair reads
+config/defense/<method>/<dataset>_<model>.yaml, else <dataset>.yaml, else default.yaml, unless
+--yaml_path is among the extra arguments; dataset and model come from the record's
+attack_summary.json, else from its attack_result.pt, and must be registered names (a record is
+untrusted: utils/analysis/sweep_tools.py). A pair is done when its summary.json is a result this
+user's runs sealed (a record can ship files of its own). A pair's output is kept in
+<record_dir>/<record>/defense/<method>_run.txt (never written through a link) and one result line
+is printed (utils/analysis/report.py). Exit code 1 if a pair failed or a pattern matched no record.
+EOF
+}
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,7 +44,7 @@ while [ $# -gt 0 ]; do
     --dry-run) dry=1 ;;
     --task_list) task_list="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     -*) echo "unknown option '$1' (bash sh/sweep.sh --help)" >&2; exit 2 ;;
     *) patterns+=("$1") ;;
   esac

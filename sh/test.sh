@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the tests need, then runs the default test suite (slow tests: add -m slow).
+usage() {
+  cat <<'EOF'
+Usage: bash sh/test.sh [PYTEST ARGS...]
+
+Installs what the tests need (sh/install.sh), then runs the default test suite with pytest; the
+arguments go to pytest (slow tests: -m slow; one file: tests/test_report.py; pytest's own help:
+python3 -m pytest --help).
+EOF
+}
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash sh/install.sh

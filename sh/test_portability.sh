@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The outcome tests (pytest marker `outcome`: bounds on ASR, C-ACC, RA, flagged neurons) under six
-# variations, seeds 0, 1, 2 x one and two torch threads, then one table: each bound, its value per
-# variation, and the smallest margin (negative: a variation fails it). See tests/outcomes.py.
-#
-#   bash sh/test_portability.sh [--out DIR] [--seeds "0 1 2"] [--threads "1 2"] [PYTEST ARGS...]
-#   bash sh/test_portability.sh tests/test_end_to_end.py      # one file's outcome tests only
-#
-#   --out DIR        keep each variation's log and values here (default: a new temporary folder)
-#   --seeds "S ..."  seeds (ULRL_TEST_SEED) to run (default: 0 1 2)
-#   --threads "T ..." thread counts (default: 1 2); T threads = the process pinned to cores 0..T-1
-#                    with taskset, as the code uses the cores its process may run on
-#
-# Exit code 1 if any bound failed under any variation. About 6 x the outcome tests' time (see the
-# README's test section).
+usage() {
+  cat <<'EOF'
+Usage: bash sh/test_portability.sh [--out DIR] [--seeds "0 1 2"] [--threads "1 2"] [PYTEST ARGS...]
+
+The outcome tests (pytest marker `outcome`: bounds on ASR, C-ACC, RA, flagged neurons) under six
+variations, seeds 0, 1, 2 x one and two torch threads, then one table: each bound, its value per
+variation, and the smallest margin (negative: a variation fails it). See tests/outcomes.py.
+
+  bash sh/test_portability.sh tests/test_end_to_end.py      # one file's outcome tests only
+
+  --out DIR         keep each variation's log and values here (default: a new temporary folder)
+  --seeds "S ..."   seeds (ULRL_TEST_SEED) to run (default: 0 1 2)
+  --threads "T ..." thread counts (default: 1 2); T threads = the process pinned to cores 0..T-1
+                    with taskset, as the code uses the cores its process may run on
+  -h, --help        this text
+
+Exit code 1 if any bound failed under any variation. About 6 x the outcome tests' time (see the
+README's test section).
+EOF
+}
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -23,7 +29,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
     --threads) threads="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) pytest_args+=("$1") ;;
   esac
   shift

@@ -1,15 +1,29 @@
-"""Plots: the neuron weight-change chart and the per-epoch curves are written as real PNGs; no
-matplotlib is a warning, not a crash."""
+"""Plots: the neuron weight-change chart and the per-epoch curves are written as real PNGs (the
+curves: C-ACC, ASR, RA, one panel per phase on its own integer epoch axis); no matplotlib is a
+warning, not a crash."""
 import json
 import logging
 import sys
 
 import pytest
 
-from utils.analysis.plots import main, write_plots
+from utils.analysis.plots import curve_figure, main, pyplot, write_plots
 from utils.core.cli import log
 
 pytest.importorskip("matplotlib")
+
+
+def curve_rows(phases=(("unlearning", 2), ("relearning", 5)), prefix="curve_test_", ra=True):
+    """<method>_df.csv rows as csv.DictReader gives them: strings, epochs restarting per phase."""
+    rows = []
+    for phase, epochs in phases:
+        for e in range(1, epochs + 1):
+            row = {"phase": phase, "epoch": str(e), "lr": "0.01", "loss": "1.0",
+                   f"{prefix}acc": str(e / (epochs + 1)), f"{prefix}asr": str(1 - e / (epochs + 1))}
+            if ra:
+                row[f"{prefix}ra"] = str(e / (2 * epochs))
+            rows.append(row)
+    return rows
 
 
 def defense_folder(tmp_path, method="ulrl", identification=True, curves=True):
@@ -21,11 +35,9 @@ def defense_folder(tmp_path, method="ulrl", identification=True, curves=True):
             "scores": [10.8, 1.0, 1.4, 1.2, 2.4, 1.0, 0.7, 1.4, 1.2, 1.1], "median": 1.17,
             "threshold": 2.17, "dispersion": "mad", "outliers": [0, 4], "flagged": [0, 4]}
     (folder / "summary.json").write_text(json.dumps(summary))
-    rows = ["phase,epoch,lr,loss,train_acc" + (",curve_test_acc,curve_test_asr" if curves else "")]
-    for phase, epochs in (("unlearning", 2), ("relearning", 5)):
-        for e in range(1, epochs + 1):
-            rows.append(f"{phase},{e},0.01,1.0,0.5" + (f",0.{e}5,0.{9 - e}" if curves else ""))
-    (folder / f"{method}_df.csv").write_text("\n".join(rows) + "\n")
+    rows = curve_rows() if curves else [{"phase": "finetune", "epoch": "1", "loss": "1.0"}]
+    lines = [",".join(rows[0])] + [",".join(row.values()) for row in rows]
+    (folder / f"{method}_df.csv").write_text("\n".join(lines) + "\n")
     return folder
 
 
@@ -69,3 +81,42 @@ def test_missing_matplotlib_is_a_warning(tmp_path, monkeypatch):
         log.removeHandler(handler)
     assert any("matplotlib is not installed" in m for m in messages)
     assert not (folder / "neuron_changes.png").exists()
+
+
+def shown_ticks(ax):
+    low, high = ax.get_xlim()
+    return [tick for tick in ax.get_xticks() if low <= tick <= high]
+
+
+@pytest.fixture()
+def plt():
+    plt = pyplot()
+    yield plt
+    plt.close("all")
+
+
+def test_curves_have_a_panel_per_phase_with_its_own_integer_epochs(plt):
+    fig = curve_figure(plt, curve_rows(), "r / ulrl")
+    unlearning, relearning = fig.axes
+    assert [unlearning.get_title(), relearning.get_title()] == ["unlearning", "relearning"]
+    for ax, epochs in ((unlearning, [1, 2]), (relearning, [1, 2, 3, 4, 5])):
+        assert [line.get_label() for line in ax.get_lines()] == ["C-ACC", "ASR", "RA"]
+        assert all(list(line.get_xdata()) == epochs for line in ax.get_lines())
+        ticks = shown_ticks(ax)
+        assert ticks and all(float(tick).is_integer() for tick in ticks)
+    acc, asr, ra = relearning.get_lines()
+    assert list(ra.get_ydata()) == pytest.approx([100 * e / 10 for e in range(1, 6)])  # percent
+    assert unlearning.get_ylabel() == "% on the test subsample"
+    assert unlearning.get_ylim() == relearning.get_ylim()  # one percent scale for all phases
+
+
+def test_curves_of_one_long_phase_and_of_older_files_without_ra(plt):
+    fig = curve_figure(plt, curve_rows((("finetune", 100),), prefix="test_", ra=False), "t")
+    [ax] = fig.axes
+    assert [line.get_label() for line in ax.get_lines()] == ["C-ACC", "ASR"]
+    ticks = shown_ticks(ax)
+    assert 3 <= len(ticks) <= 12 and all(float(tick).is_integer() for tick in ticks)
+    assert ax.get_ylabel() == "% on the full test sets"
+    one = curve_figure(plt, curve_rows((("unlearning", 1), ("relearning", 1))), "t")
+    assert [shown_ticks(ax) for ax in one.axes] == [[1.0], [1.0]]  # no 0.5, 1.5 around one epoch
+    assert curve_figure(plt, [{"phase": "finetune", "epoch": "1", "loss": "1.0"}], "t") is None

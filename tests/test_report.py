@@ -153,3 +153,55 @@ def test_update_replaces_the_rerun_records_rows_and_keeps_the_others(records, tm
     assert float(small[2]["ulrl_asr"]) == pytest.approx((1.0 + 15.0) / 2)  # recomputed
     assert float(small[2]["ft_asr"]) == pytest.approx(50.0)
     assert [r["attack"] for r in new if r["model"] == "vgg19_bn"] == ["badnet", "Average"]
+
+
+LONG_COLUMNS = ["record", "dataset", "model", "attack", "defense", "metric", "value", "unit"]
+
+
+def test_long_is_one_row_per_record_defense_metric_in_fractions(records, tmp_path):
+    assert main([str(records), "--out", str(tmp_path / "t"), "--long"]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        header = next(csv.reader(f))
+    rows = read_csv(tmp_path / "t.csv")
+    assert header == LONG_COLUMNS
+    keys = [(r["record"], r["defense"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))  # tidy: one value per record, defense and metric
+    assert not any("Average" in r.values() for r in rows) and all(r["record"] for r in rows)
+    assert len(rows) == 5 * 9 + 3  # 9 values for each of the 5 runs, 3 more for the retuned one
+    value = {key: float(r["value"]) for key, r in zip(keys, rows)}
+    assert value["bn", "ulrl", "before_test_acc"] == pytest.approx(0.90)
+    assert value["bn", "ulrl", "after_test_asr"] == pytest.approx(0.01)
+    assert value["bn", "ulrl", "after_test_ra"] == pytest.approx(0.0)
+    assert value["bn", "ulrl", "acc_change"] == pytest.approx(-0.02)
+    assert value["bn", "ulrl", "der"] == pytest.approx(0.98)
+    assert value["bn", "ulrl", "retune_test_asr"] == pytest.approx(0.60)
+    assert value["bn", "ulrl", "time_s"] == 1.0
+    assert ("bn", "ft", "retune_test_asr") not in value  # no retuning check ran: no row
+    assert all(-1 <= float(r["value"]) <= 1 for r in rows if r["unit"] == "fraction")
+    assert {r["unit"] for r in rows if r["metric"] == "time_s"} == {"s"}
+    m1 = next(r for r in rows if r["record"] == "m1")
+    assert (m1["dataset"], m1["model"], m1["attack"]) == ("mnist", "smallcnn", "m1")
+    assert "| Average |" in (tmp_path / "t.md").read_text()  # averages: the Markdown only
+
+
+def test_long_loads_in_pandas_as_a_tidy_table(records, tmp_path):
+    pandas = pytest.importorskip("pandas")
+    main([str(records), "--out", str(tmp_path / "t"), "--long"])
+    frame = pandas.read_csv(tmp_path / "t.csv")
+    assert list(frame.columns) == LONG_COLUMNS and frame["value"].dtype == float
+    wide = frame.pivot(index=["record", "defense"], columns="metric", values="value")
+    assert wide.loc[("bn", "ulrl"), "der"] == pytest.approx(0.98)
+
+
+def test_long_takes_defenses_and_summary_files_and_refuses_update_and_lines(records, tmp_path, capsys):
+    assert main([str(records), "--out", str(tmp_path / "t"), "--long", "--defenses", "ft"]) == 0
+    assert {r["defense"] for r in read_csv(tmp_path / "t.csv")} == {"ft"}
+    assert main([str(records / "bn/defense/ulrl/summary.json"), "--long",
+                 "--out", str(tmp_path / "f")]) == 0  # a file given by name: the tidy rows too
+    assert {r["record"] for r in read_csv(tmp_path / "f.csv")} == {"bn"}
+    with pytest.raises(SystemExit) as exit_:
+        main([str(records), "--long", "--update", str(tmp_path / "t.csv")])
+    assert exit_.value.code == 2 and "does not combine with --long" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(records), "--long", "--lines"])  # --long is a table mode, not lines
+    assert exit_.value.code == 2 and "not allowed with argument --long" in capsys.readouterr().err

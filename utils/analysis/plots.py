@@ -3,8 +3,9 @@
 - neuron_changes.png: the weight change of every classifier neuron during unlearning, with the
   median and threshold lines and the flagged neurons marked (the ULRL paper's Fig. 3); drawn when
   summary.json has an "identification" block (ULRL);
-- curves.png: C-ACC and ASR after every epoch of every phase, from <method>_df.csv, when the run
-  evaluated per epoch (--eval_every_epoch: full test sets; --curve_samples: a fixed subsample).
+- curves.png: C-ACC, ASR and RA after every epoch, one panel per phase with that phase's own epoch
+  axis, from <method>_df.csv, when the run evaluated per epoch (--eval_every_epoch: full test sets;
+  --curve_samples: a fixed subsample).
 
     python -m utils.plots record/                          # every defense folder under record/
     python -m utils.plots record/badnet_0_1/defense/ulrl   # one folder
@@ -24,8 +25,9 @@ from utils.analysis.report import find_summaries
 from utils.core.cli import log, setup_console_logging
 from utils.core.io import write_bytes
 
-CURVE_COLUMNS = (("test_acc", "test_asr", "full test sets"),
-                 ("curve_test_acc", "curve_test_asr", "test subsample"))
+# <method>_df.csv column prefixes of per-epoch metrics, and what they were measured on
+CURVE_SOURCES = (("test_", "full test sets"), ("curve_test_", "test subsample"))
+CURVE_LINES = (("acc", "C-ACC", "tab:blue"), ("asr", "ASR", "tab:orange"), ("ra", "RA", "tab:green"))
 
 
 def pyplot():
@@ -73,37 +75,58 @@ def neuron_chart(plt, found: dict, title: str, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def curve_chart(plt, rows: list[dict], title: str, path: Path) -> Path | None:
-    """C-ACC and ASR (percent) per epoch over all phases, a dotted line between phases."""
-    for acc_key, asr_key, source in CURVE_COLUMNS:
-        points = [(row.get("phase", ""), float(row[acc_key]), float(row[asr_key]))
-                  for row in rows if row.get(acc_key) not in (None, "")]
-        if points:
+def phase_curves(rows: list[dict]) -> tuple[list[tuple[str, list[dict]]], str] | None:
+    """The rows that carry per-epoch metrics as (phase, rows) runs in file order (each phase
+    restarts training, so each gets its own axis) and what they were measured on; None without."""
+    for prefix, source in CURVE_SOURCES:
+        measured = [row for row in rows if row.get(f"{prefix}acc") not in (None, "")]
+        if measured:
             break
     else:
         return None
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
-    start = 0
-    for end in range(1, len(points) + 1):  # one segment per phase: each phase restarts the model
-        if end < len(points) and points[end][0] == points[start][0]:
-            continue
-        x = range(start + 1, end + 1)
-        first = start == 0
-        ax.plot(x, [100 * p[1] for p in points[start:end]], "o-", color="tab:blue", markersize=3,
-                label="C-ACC" if first else None)
-        ax.plot(x, [100 * p[2] for p in points[start:end]], "o-", color="tab:orange",
-                markersize=3, label="ASR" if first else None)
-        ax.text((start + end + 1) / 2, 103, points[start][0], ha="center", fontsize=8)
-        if end < len(points):
-            ax.axvline(end + 0.5, color="gray", linestyle=":")
-        start = end
-    ax.set_ylim(-3, 108)
-    ax.set_xlabel("epoch (all phases in order)")
-    ax.set_ylabel("% on the " + source)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    runs: list[tuple[str, list[dict]]] = []
+    for row in measured:
+        phase = row.get("phase") or ""
+        if not runs or runs[-1][0] != phase:
+            runs.append((phase, []))
+        runs[-1][1].append({"epoch": int(row.get("epoch") or len(runs[-1][1]) + 1),
+                            **{key: float(row[f"{prefix}{key}"]) for key, _, _ in CURVE_LINES
+                               if row.get(f"{prefix}{key}") not in (None, "")}})
+    return runs, source
+
+
+def curve_figure(plt, rows: list[dict], title: str):
+    """C-ACC, ASR and RA (percent) per epoch: one panel per phase, its own integer epoch axis, a
+    shared percent axis; None when the rows have no per-epoch metrics."""
+    from matplotlib.ticker import MaxNLocator
+    found = phase_curves(rows)
+    if found is None:
+        return None
+    runs, source = found
+    fig, axes = plt.subplots(1, len(runs), sharey=True, squeeze=False,
+                             figsize=(max(7.0, 3.0 * len(runs)), 4.0),
+                             gridspec_kw={"width_ratios": [max(3, len(points)) for _, points in runs]})
+    for ax, (phase, points) in zip(axes[0], runs):
+        epochs = [p["epoch"] for p in points]
+        for key, label, color in CURVE_LINES:
+            if all(key in p for p in points):
+                ax.plot(epochs, [100 * p[key] for p in points], "o-", color=color, markersize=3,
+                        label=label)
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_title(phase or "training", fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylim(-3, 103)
+    axes[0][0].set_ylabel("% on the " + source)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return fig
+
+
+def curve_chart(plt, rows: list[dict], title: str, path: Path) -> Path | None:
+    fig = curve_figure(plt, rows, title)
+    return None if fig is None else _save(plt, fig, path)
 
 
 def write_plots(folder, summary: dict | None = None) -> list[Path]:

@@ -3,6 +3,7 @@
     python -m utils.report record/                         # writes record/report.md, record/report.csv
     python -m utils.report record/ --out results/fm --defenses ft fp fst ulrl
     python -m utils.report record/*/defense/ulrl/summary.json   # one line per run
+    python -m utils.report record/ --long                  # record/report.csv tidy: a row per value
 
 Folders (a record root, one record, one defense folder) are searched for
 <record>/defense/<method>/summary.json; summary.json files given by name print one line each unless
@@ -13,11 +14,15 @@ row measured it), then per defense (method folder; ablation variants are ulrl_<t
 change (defended minus undefended, points), the ASR, BackdoorBench's defense effectiveness rating
 DER = [max(0, ASR drop) - max(0, C-ACC drop) + 1] / 2 (in %, 100 = backdoor gone at no cost,
 50 = no change), and the ASR after the retuning check (--retune_check) when any run has one; an
-average row per dataset (mean over the rows that have the value). All numbers are percentages.
+average row per dataset (mean over the rows that have the value). All numbers of the tables are
+percentages.
 `--compact` puts a defense's cells in one Markdown column. `--update OLD.csv` rebuilds an earlier
 table with the given runs replacing its rows of the same records (the other rows kept as they
-were, averages recomputed), so rerunning one attack does not mean rerunning the sweep. `--metrics` picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall
-time in seconds without the retuning check (time).
+were, averages recomputed), so rerunning one attack does not mean rerunning the sweep. `--metrics`
+picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall time in seconds
+without the retuning check (time). `--long` writes the CSV in tidy form instead (columns record,
+dataset, model, attack, defense, metric, value, unit; one row per record, defense and metric, in
+fractions as summary.json, no average rows), e.g. for pandas.
 """
 from __future__ import annotations
 
@@ -72,11 +77,16 @@ def load_result(path: Path) -> Result:
                   summary=summary)
 
 
-def der(before: dict, after: dict) -> float:
-    """BackdoorBench's defense effectiveness rating, in %."""
+def der_fraction(before: dict, after: dict) -> float:
+    """BackdoorBench's defense effectiveness rating, as a fraction (0.5 = no change)."""
     asr_drop = before["test_asr"] - after["test_asr"]
     acc_drop = before["test_acc"] - after["test_acc"]
-    return 100 * (max(0.0, asr_drop) - max(0.0, acc_drop) + 1) / 2
+    return (max(0.0, asr_drop) - max(0.0, acc_drop) + 1) / 2
+
+
+def der(before: dict, after: dict) -> float:
+    """BackdoorBench's defense effectiveness rating, in %."""
+    return 100 * der_fraction(before, after)
 
 
 def result_line(summary: dict) -> str:
@@ -246,6 +256,29 @@ def build_tables(results: list[Result], defenses: list[str] | None = None,
     return "\n".join(md_parts), csv_rows
 
 
+RATES = ("test_acc", "test_asr", "test_ra")
+
+
+def long_rows(results: list[Result]) -> list[dict]:
+    """The tidy form: one row per (record, defense, metric), values as summary.json has them
+    (fractions; the C-ACC change and DER too; time in seconds) and no average rows."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r.model, r.dataset, r.attack, r.record, r.method)):
+        values = {f"{stage}_{k}": rates[k] for stage, rates in (("before", r.before),
+                                                                  ("after", r.after))
+                  for k in RATES if k in rates}
+        values["acc_change"] = r.after["test_acc"] - r.before["test_acc"]
+        values["der"] = der_fraction(r.before, r.after)
+        values.update({f"retune_{k}": r.retune[k] for k in RATES if k in (r.retune or {})})
+        values["time_s"] = defense_seconds(r.summary)
+        for metric, value in values.items():
+            unit = "s" if metric == "time_s" else "fraction"
+            rows.append({"record": r.record, "dataset": r.dataset, "model": r.model,
+                         "attack": r.attack, "defense": r.method, "metric": metric,
+                         "value": round(value, 3 if unit == "s" else 6), "unit": unit})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="folders or summary.json files")
@@ -265,7 +298,13 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
+    mode.add_argument("--long", action="store_true",
+                      help="OUT.csv in tidy form: one row per record, defense and metric "
+                           "(before/after C-ACC, ASR, RA, C-ACC change, DER, retune, time), "
+                           "fractions, no average rows (those stay in OUT.md)")
     args = parser.parse_args(argv)
+    if args.long and args.update:
+        parser.error("--update rebuilds a wide report CSV; it does not combine with --long")
 
     folders = [p for p in args.paths if Path(p).is_dir()]
     results = []
@@ -278,7 +317,7 @@ def main(argv=None) -> int:
         print(f"no defense results (defense/<method>/summary.json) in {' '.join(args.paths)}",
               file=sys.stderr)
         return 1
-    if args.lines or not (folders or args.table):
+    if args.lines or not (folders or args.table or args.long):
         for r in results:
             print(result_line(r.summary))
         return 0
@@ -286,9 +325,11 @@ def main(argv=None) -> int:
     text, rows = build_tables(results, args.defenses, args.metrics, args.compact, earlier)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
     write_text(f"{out}.md", text)
+    if args.long:
+        rows = long_rows([r for r in results if not args.defenses or r.method in args.defenses])
     write_csv(f"{out}.csv", rows)
     print(text)
-    print(f"written {out}.md and {out}.csv")
+    print(f"written {out}.md and {out}.csv" + (" (long form)" if args.long else ""))
     return 0
 
 

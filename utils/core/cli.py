@@ -1,5 +1,5 @@
 """What every command-line entry point shares: one-line errors, a log file, progress bars,
-seeding, and the environment block of a summary."""
+seeding, and the environment block of a summary (versions, device, the code's git commit)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,7 @@ import platform
 import random
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +24,9 @@ from utils.core.errors import UserError
 from utils.core.io import publish
 
 log = logging.getLogger("backdoor")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GIT_TIMEOUT_S = 10.0  # git answers in milliseconds; this only bounds a hung one
 
 
 DEBUG_FLAG = "--debug"  # accepted by every entry point (utils.core.config.parse_config declares it)
@@ -155,9 +159,32 @@ def peak_memory_mib(device: torch.device) -> dict:
     return peak
 
 
+def _git(*args: str) -> str | None:
+    """stdout of `git -C <project root> ARGS`, or None when git is missing, fails or hangs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # no GIT_DIR detours
+    try:
+        done = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, env=env, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def code_version() -> dict:
+    """The project checkout's git commit and whether tracked files differ from it (untracked
+    files, e.g. records written inside the checkout, do not count); both None when the project
+    is not a git checkout of its own or git is missing."""
+    found = (_git("rev-parse", "--show-toplevel", "HEAD") or "").splitlines()
+    if len(found) != 2 or Path(found[0]).resolve() != PROJECT_ROOT:  # not inside another repo's tree
+        return {"git_commit": None, "git_dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": found[1], "git_dirty": None if status is None else bool(status.strip())}
+
+
 def environment(device: torch.device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "device": str(device), "threads": torch.get_num_threads()}
+           "numpy": np.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           **code_version()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
