@@ -36,7 +36,8 @@ from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 OPTIONS = {
     **DEFENSE_OPTIONS, **FINETUNE_OPTIONS,
     "epochs": Option(10, "fine-tuning epochs", bounds=">= 0"),
-    "weight_decay": Option(0.0, "SGD weight decay (the official code uses none)", bounds=">= 0"),
+    "weight_decay": Option(0.0, "SGD weight decay (the official code uses none)", bounds=">= 0",
+                           aliases=("wd",)),
     "alpha": Option(0.2, "weight of the inner-product penalty sum(W * W_ori)", bounds=">= 0"),
 }
 

@@ -56,7 +56,8 @@ OPTIONS = {
     "regularizer": Option("cosine", "relearning penalty on the flagged neurons: 'cosine' (Eq. 3), "
                           "'inner' (FST's inner product, Appendix D) or 'none' (Table V)",
                           choices=("cosine", "inner", "none")),
-    "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0"),
+    "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0",
+                    aliases=("relearn_alpha",)),
 }
 
 # x spread = the standard deviation of a normal distribution, so tau reads alike for every measure

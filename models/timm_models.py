@@ -1,6 +1,6 @@
 """timm's models as `timm/<name>` (e.g. `timm/resnet18`, `timm/convnext_atto`,
-`timm/vit_tiny_patch16_224`), when timm is installed (`pip install timm`: an optional dependency; without it, naming one is an
-error saying so). Built with `pretrained=False` (nothing is downloaded), the data set's class count
+`timm/vit_tiny_patch16_224`), when timm is installed (`pip install timm`: an optional dependency;
+without it, naming one is an error saying so). Built with `pretrained=False` (nothing is downloaded), the data set's class count
 and input channels, and the input side for the architectures that take one (ViTs); the classifier is
 the module timm's `get_classifier()` returns."""
 from __future__ import annotations

@@ -157,7 +157,7 @@ def run_defense(module, method, record, *args):
                  *map(str, args)])
     out = records / name / "defense" / method
     for f in ("defense_result.pt", "summary.json", f"{method}_df.csv", f"{method}_df_summary.csv",
-              f"{method}.log", "index.txt"):
+              f"{method}_before_after.csv", f"{method}.log", "index.txt"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "summary.json").read_text())
     return summary, load_defense_result(out / "defense_result.pt")["model"]

@@ -102,7 +102,8 @@ def run_defense(module, method, record, *args):
                  "--yaml_path", f"config/defense/{method}/fashion_mnist.yaml", *seed_args(), *args])
     out = record_dir / name / "defense" / method
     for file in ("defense_result.pt", "summary.json", f"{method}_df.csv",
-                 f"{method}_df_summary.csv", f"{method}.log", "index.txt"):
+                 f"{method}_df_summary.csv", f"{method}_before_after.csv", f"{method}.log",
+                 "index.txt"):
         assert (out / file).is_file(), file
     return json.loads((out / "summary.json").read_text()), out
 

@@ -59,7 +59,7 @@ def test_badnet_record_then_ulrl_removes_the_backdoor(record_dir, tmp_path):
 
     out = record_dir / "badnet_fm/defense/ulrl"
     for name in ("defense_result.pt", "index.txt", "ulrl.log", "summary.json", "ulrl_df.csv",
-                 "ulrl_df_summary.csv"):
+                 "ulrl_df_summary.csv", "ulrl_before_after.csv"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".*.tmp"))  # no temporary file left behind
     index = [int(i) for i in (out / "index.txt").read_text().split()]

@@ -168,7 +168,8 @@ def test_record_free_run_writes_the_same_files_as_a_record_run(tmp_path):
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out" / "ulrl"
     assert {p.name for p in out.iterdir()} == {"defense_result.pt", "index.txt", "summary.json",
-                                              "ulrl.log", "ulrl_df.csv", "ulrl_df_summary.csv"}
+                                              "ulrl.log", "ulrl_df.csv", "ulrl_df_summary.csv",
+                                              "ulrl_before_after.csv"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["record"] is None and summary["model_file"].endswith("m.safetensors")
     assert summary["defense_samples"] == 40 and summary["dataset"] == "image folder"

@@ -318,16 +318,25 @@ def _attack(cfg, name: str, make_attack, spec, device, record_name: str, work: P
                        img_size=spec.image_size, bd_train=bd_train, bd_test=bd_test,
                        train_length=len(train), test_length=len(test), mode=cfg.save_mode)
     final = ctx.rows[-1] if ctx.rows else {}
+    test_set = f"the {spec.name} test split ({len(test)} images)"
+    if len(ctx.test) < len(test):  # a defense measures on the whole split: say both
+        test_set = f"{len(ctx.test)} of the {len(test)} {spec.name} test images (--test_size)"
+        final = {**final, "test_acc_full_split": backdoor_metrics(
+            model, test.to(device), None, ctx.preprocess,
+            eval_batch_size(cfg.eval_batch_size, device), cfg.amp)["test_acc"]}
     write_csv(work / "attack_df.csv", ctx.rows)
     write_csv(work / "attack_df_summary.csv", [final])
     summary = {"attack": name, "record": record_name, "dataset": spec.name, "model": cfg.model,
                "poisoned_train": len(chosen), "train_size": len(ctx.train),
-               "clean_label": attack.clean_label, "bd_test_size": len(bd_test), "final": final,
+               "clean_label": attack.clean_label, "test_set": test_set,
+               "bd_test_size": len(bd_test), "final": final,
                "time_s": round(train_time, 2), **attack.details, "config": dict(vars(cfg)),
                "config_sources": config_sources(cfg), "environment": environment(device)}
     write_json(work / "attack_summary.json", summary)
     if final:
-        print(f"{name} {spec.name}/{cfg.model}: C-ACC {100 * final['test_acc']:.2f}%  "
-              f"ASR {100 * final['test_asr']:.2f}%  RA {100 * final['test_ra']:.2f}%  "
+        full = final.get("test_acc_full_split")
+        print(f"{name} {spec.name}/{cfg.model}: C-ACC {100 * final['test_acc']:.2f}%"
+              + (f" (whole test split {100 * full:.2f}%)" if full is not None else "")
+              + f"  ASR {100 * final['test_asr']:.2f}%  RA {100 * final['test_ra']:.2f}%  "
               f"({train_time:.0f} s)")
     return summary

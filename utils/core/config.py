@@ -18,6 +18,7 @@ import yaml
 from utils.core.cli import DEBUG_FLAG
 from utils.core.errors import UserError, shown
 
+NO_YAML = "none"  # --yaml_path none: the option tables' defaults, no yaml picked for the data
 YAML_MAX_BYTES = 64 * 1024  # the shipped configs are under 1 KiB
 YAML_MAX_NODES = 10_000  # values after alias expansion: aliases can nest into billions
 
@@ -33,6 +34,8 @@ class Option:
     bounds: str | None = None  # allowed range of a number (or of every item of a list), checked
     # after yaml and command line are merged: "> 0", ">= 1", "<= 1", "[0, 1]", "(0, 1]", "[0, 1)"
     command_line_only: bool = False  # a safety switch: only the person at the keyboard sets it
+    aliases: tuple[str, ...] = ()  # other names of the key (BackdoorBench's, e.g. 'wd')
+    ignored: bool = False  # accepted (another tool's configs carry it) but not used: value as given
 
     @property
     def value_type(self):
@@ -71,8 +74,8 @@ def _convert(kind: type, value):
 
 
 def _coerce(key: str, option: Option, value, source: str):
-    if value is None:
-        return None
+    if value is None or option.ignored:
+        return value
     kind = option.value_type
     try:
         if option.nargs:
@@ -122,8 +125,16 @@ def check_bounds(options: dict[str, Option], values: dict) -> None:
                 raise UserError(f"--{key} must be {rule}, got {value}")
 
 
+def option_names(options: dict[str, Option]) -> dict[str, str]:
+    """Every name a key may be given by (the key itself and its aliases) -> the key."""
+    names = {key: key for key in options}
+    for key, option in options.items():
+        names.update(dict.fromkeys(option.aliases, key))
+    return names
+
+
 def _unknown_key_error(key: str, known, source: str) -> UserError:
-    close = difflib.get_close_matches(key, known, n=1)
+    close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"{source}: unknown key '{key}'{hint}; known keys: {', '.join(sorted(known))}")
 
@@ -161,13 +172,21 @@ def load_yaml(path, options: dict[str, Option]) -> dict:
                         "(nested aliases): a config is a flat list of key: value")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of key: value")
-    for key in data:
-        if key not in options:
-            raise _unknown_key_error(shown(key, 60), options, f"config file {path}")
+    names, values, given_as = option_names(options), {}, {}
+    for name, value in data.items():
+        if name not in names:
+            raise _unknown_key_error(shown(name, 60), names, f"config file {path}")
+        key = names[name]
         if options[key].command_line_only:
-            raise UserError(f"config file {path}: '{key}' can only be given on the command line "
+            raise UserError(f"config file {path}: '{name}' can only be given on the command line "
                             "(a config file must not switch off a safety check); remove it")
-    return {k: _coerce(k, options[k], v, f"config file {path}") for k, v in data.items()}
+        if key in given_as:
+            raise UserError(f"config file {path}: '{given_as[key]}' and '{name}' are the same "
+                            "setting: keep one")
+        given_as[key] = name
+        if value is not None:  # an empty value (BackdoorBench's "from the record") is the default
+            values[key] = _coerce(key, options[key], value, f"config file {path}")
+    return values
 
 
 def _command_line_bool(text) -> bool:
@@ -198,7 +217,7 @@ class Config(SimpleNamespace):
     """The resolved values, read as attributes. Where each came from ('default', 'yaml <path>',
     'command line') is kept in the slot `sources`, outside the instance dict, so that vars(cfg)
     stays the plain values that summaries store and code reads."""
-    __slots__ = ("sources",)
+    __slots__ = ("sources", "options")
 
 
 def config_sources(cfg) -> dict[str, str]:
@@ -219,7 +238,9 @@ def print_config(cfg: Config, out=None) -> None:
 
 def parse_config(options: dict[str, Option], description: str, argv=None) -> Config:
     parser = _Parser(description=description, allow_abbrev=False)
-    parser.add_argument("--yaml_path", help="yaml file of defaults; the command line overrides it")
+    parser.add_argument("--yaml_path", help="yaml file of defaults; the command line overrides it "
+                                            f"('{NO_YAML}': the option defaults only; a defense "
+                                            "without it picks its data set's yaml)")
     parser.add_argument(DEBUG_FLAG, action="store_true",
                         help="on an error, print the full traceback instead of one line")
     parser.add_argument("--print_config", action="store_true",
@@ -230,6 +251,8 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Con
         kwargs = dict(default=None, help=f"{option.help} (default: {option.default})")
         if option.nargs:
             kwargs["nargs"] = option.nargs
+        if option.ignored:
+            kind = str
         if kind is bool:  # "--flag" alone means true; "--flag false" also works
             kwargs.update(type=_command_line_bool, nargs="?", const=True,
                           metavar="{true,false}")
@@ -237,12 +260,12 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Con
             kwargs["type"] = kind
         if option.choices:
             kwargs["choices"] = option.choices
-        parser.add_argument(f"--{key}", **kwargs)
+        parser.add_argument(f"--{key}", *(f"--{a}" for a in option.aliases), dest=key, **kwargs)
     args = parser.parse_args(argv)
 
     values = {key: option.default for key, option in options.items()}
     sources = dict.fromkeys(values, "default")
-    if args.yaml_path:
+    if args.yaml_path and args.yaml_path != NO_YAML:
         from_yaml = load_yaml(args.yaml_path, options)
         _check_conflicts(options, from_yaml, f"config file {args.yaml_path}")
         values.update(from_yaml)
@@ -256,25 +279,42 @@ def parse_config(options: dict[str, Option], description: str, argv=None) -> Con
     values["yaml_path"] = args.yaml_path
     sources["yaml_path"] = "command line" if args.yaml_path else "default"
     cfg = Config(**values)
-    cfg.sources = sources
+    cfg.sources, cfg.options = sources, options
     if args.print_config:  # like --help: the answer, then exit before anything runs
         print_config(cfg)
         sys.exit(0)
     return cfg
 
 
+def apply_yaml(cfg: Config, path: Path, why: str) -> None:
+    """Fill the values of `cfg` that are still defaults from the yaml `path` (the command line
+    keeps precedence): how a run without --yaml_path picks up the shipped yaml for its data set
+    and model. `why` says how the file was chosen; it goes into the sources."""
+    from_yaml = load_yaml(path, cfg.options)
+    _check_conflicts(cfg.options, from_yaml, f"config file {path}")
+    for key, value in from_yaml.items():
+        if cfg.sources.get(key) == "default":
+            setattr(cfg, key, value)
+            cfg.sources[key] = f"yaml {path} ({why})"
+    check_bounds(cfg.options, vars(cfg))
+    cfg.yaml_path, cfg.sources["yaml_path"] = str(path), why
+
+
 def config_from(options: dict[str, Option], values: dict, source: str) -> Config:
     """The config of a call from Python (the defenses' purify()): the option table's defaults
     overridden by keyword `values`, checked as the command line is (unknown keys with a hint,
     types, choices, conflicts, bounds)."""
+    names = option_names(options)
     for key in values:
-        if key not in options:
-            raise _unknown_key_error(shown(key, 60), options, source)
-    given = {key: _coerce(key, options[key], value, source) for key, value in values.items()}
+        if key not in names:
+            raise _unknown_key_error(shown(key, 60), names, source)
+    given = {names[key]: _coerce(names[key], options[names[key]], value, source)
+             for key, value in values.items()}
     _check_conflicts(options, given, source)
     merged = {key: option.default for key, option in options.items()} | given
     check_bounds(options, merged)
     cfg = Config(**merged, yaml_path=None)
     cfg.sources = {**dict.fromkeys(merged, "default"), **dict.fromkeys(given, source),
                    "yaml_path": "default"}
+    cfg.options = options
     return cfg

@@ -18,8 +18,8 @@ from utils.training.train import cross_entropy, fit
 FINETUNE_OPTIONS = {
     "lr": Option(0.01, "fine-tuning learning rate (SGD, CosineAnnealingLR over the epochs)", bounds="> 0"),
     "epochs": Option(100, "fine-tuning epochs", bounds=">= 0"),
-    "momentum": Option(0.9, "SGD momentum", bounds=">= 0"),
-    "weight_decay": Option(5e-4, "SGD weight decay", bounds=">= 0"),
+    "momentum": Option(0.9, "SGD momentum", bounds=">= 0", aliases=("sgd_momentum",)),
+    "weight_decay": Option(5e-4, "SGD weight decay", bounds=">= 0", aliases=("wd",)),
     "batch_size": Option(256, "training batch size", bounds=">= 1"),
 }
 

@@ -21,7 +21,7 @@ from utils.data.images import Preprocess
 from utils.data.record import save_defense_result
 from utils.defenses.retune import RETUNE_OPTIONS, retune_check, retune_set
 from utils.defenses.session import DefenseSession
-from utils.defenses.sources import MODEL_FILE_OPTIONS, load_source
+from utils.defenses.sources import BACKDOORBENCH_KEYS, MODEL_FILE_OPTIONS, load_source
 from utils.training.train import resolve_device
 
 DEFENSE_OPTIONS = {
@@ -34,7 +34,7 @@ DEFENSE_OPTIONS = {
     "threads": Option(0, "CPU threads for torch (0: the cores this process may use)",
                       bounds="[0, 1024]"),
     "seed": Option(0, "seed for the defense subset, shuffling, augmentation and reinitialization",
-                   bounds="[0, 4294967295]"),  # numpy's seed range
+                   bounds="[0, 4294967295]", aliases=("random_seed",)),  # numpy's seed range
     "ratio": Option(0.01, "share of the clean training set used as defense data", bounds="(0, 1]"),
     "defense_samples": Option(None, "number of clean training images used as defense data, "
                                     "instead of --ratio", int, bounds=">= 1",
@@ -68,7 +68,21 @@ DEFENSE_OPTIONS = {
                                "<record>/defense/<method>/; required with --model_file)", str),
     **RETUNE_OPTIONS,
     **MODEL_FILE_OPTIONS,
+    **BACKDOORBENCH_KEYS,
 }
+
+
+def backdoorbench_summary(epochs: list[dict], after: dict) -> list[dict]:
+    """BackdoorBench's <method>_df_summary.csv, so that its analysis code reads ours: rows 'last'
+    (the purified model), 'valid_max' (the largest value over the run's evaluations: the epochs
+    evaluated with --eval_every_epoch, and the end) and 'exist_nan_value', one column per metric,
+    fractions; the row names sit in a column without a header, as pandas writes an index."""
+    series = {m: [row[m] for row in epochs if m in row] + [after[m]]
+              for m in ("test_acc", "test_asr", "test_ra") if m in after}
+    return [{"": "last", **{m: v[-1] for m, v in series.items()}},
+            {"": "valid_max", **{m: max((x for x in v if x == x), default=float("nan"))
+                                 for m, v in series.items()}},
+            {"": "exist_nan_value", **{m: any(x != x for x in v) for m, v in series.items()}}]
 
 
 def run_defense(cfg, method: str, defend: Callable[[DefenseSession], dict]) -> dict:
@@ -92,6 +106,7 @@ class DefenseRun(DefenseSession):
         require(re.fullmatch(r"[A-Za-z0-9_.+-]{0,64}", cfg.tag) is not None,
                 f"--tag must be letters, digits, . + - _ (at most 64), got {shown(cfg.tag, 80)}")
         self.cfg, self.method = cfg, f"{method}_{cfg.tag}" if cfg.tag else method
+        self.base_method = method
         self.start = time.perf_counter()
         self.times: dict[str, float] = {}
         self.epochs: list[dict] = []  # one row per training epoch, for <method>_df.csv
@@ -178,7 +193,12 @@ class DefenseRun(DefenseSession):
         cfg, t0 = self.cfg, time.perf_counter()
         log.info("%s on %s %s (device %s)", self.method.upper(),
                  "model file" if cfg.model_file else "record", self.input, self.device)
-        src = self.source = load_source(cfg, self.device)
+        ignored = [k for k, option in BACKDOORBENCH_KEYS.items()
+                   if option.ignored and getattr(cfg, k) is not None]
+        if ignored:
+            log.info("ignored BackdoorBench settings that do not apply here: %s (see --help)",
+                     ", ".join(ignored))
+        src = self.source = load_source(cfg, self.device, self.base_method)
         self.record, self.model, self.original = src.record, src.model, src.original
         if cfg.compile:
             self.model.compile()  # in place: parameter names and the classifier stay the same
@@ -219,7 +239,8 @@ class DefenseRun(DefenseSession):
 
     def finish(self, before: dict, after: dict, details: dict) -> dict:
         """Write the result set into the stage: defense_result.pt, the retuning check's outcome,
-        <method>_df.csv, index.txt, <method>_df_summary.csv, plots, then the sealed summary.json.
+        <method>_df.csv, index.txt, <method>_df_summary.csv (BackdoorBench's layout),
+        <method>_before_after.csv, plots, then the sealed summary.json.
         Leaving the run's `with` block publishes them together."""
         src, cfg = self.source, self.cfg
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -243,6 +264,8 @@ class DefenseRun(DefenseSession):
         write_csv(self.out / f"{self.method}_df.csv", self.epochs)
         write_text(self.out / "index.txt", "".join(f"{i}\n" for i in self.subset_index))
         write_csv(self.out / f"{self.method}_df_summary.csv",
+                  backdoorbench_summary(self.epochs, after))
+        write_csv(self.out / f"{self.method}_before_after.csv",
                   [{"model": "backdoored", **before}, {"model": self.method, **after}])
         if cfg.plots:
             write_plots(self.out, summary)

@@ -15,6 +15,7 @@ Both give a `Source`; utils/defenses/run.py runs the defense on it and writes th
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import torch
 
 from models import build_model, declared_classifier, input_channels, load_aligned, \
     read_state_dict
-from utils.core.cli import log, require
-from utils.core.config import Option
+from utils.core.cli import log, require, seed_everything
+from utils.core.config import Option, apply_yaml
 from utils.core.errors import UserError, shown
 from utils.data.datasets import CleanSplit, clean_split, find_dataset_folder, get_dataset
 from utils.data.folders import image_folder
@@ -68,6 +69,31 @@ MODEL_FILE_OPTIONS = {
 }
 
 
+# BackdoorBench's defense yamls also carry these keys; accepted so that its configs load as they
+# are. The runtime ones have no counterpart here (data live on the device, nothing is saved per
+# epoch); the attack's description is the record's business; the input size is checked.
+_NOT_USED = {
+    "num_workers": "data live on the device: no loader workers",
+    "pin_memory": "data live on the device", "prefetch": "data live on the device",
+    "non_blocking": "data live on the device",
+    "frequency_save": "no per-epoch checkpoints; the result is written once, whole",
+    "poison_rate": "describes the attack; the record holds it",
+    "target_type": "describes the attack; the record holds it",
+    "trigger_type": "describes the attack; the record holds it",
+    "init": "reinitialization is part of the method (the public code's --init parses any value "
+            "as true)",
+    "lr_scheduler": "each phase's schedule is the method's (see --help)",
+    "client_optimizer": "each phase's optimizer is the method's (see --help)",
+}
+BACKDOORBENCH_KEYS = {
+    **{key: Option(None, f"BackdoorBench key, accepted and not used: {why}", ignored=True)
+       for key, why in _NOT_USED.items()},
+    **{f"input_{name}": Option(None, f"BackdoorBench key, checked: the input {name} of the record "
+                                     "or --model_file run", int, bounds=">= 1")
+       for name in ("height", "width", "channel")},
+}
+
+
 @dataclass
 class Source:
     model: torch.nn.Module  # on the device, weights loaded
@@ -86,6 +112,14 @@ class Source:
     test_set: str  # what clean_test is
     original: dict  # the weights before the defense
     record: AttackRecord | None = None
+
+
+def check_given(cfg, what: str, **actual) -> None:
+    """Keys a config may state as a check (BackdoorBench's num_classes, input_height, ...)."""
+    for key, value in actual.items():
+        given = getattr(cfg, key)
+        require(given is None or given == value,
+                f"--{key} {given} disagrees with {what}, which has {value}: drop it or fix it")
 
 
 def select_subset(n: int, cfg) -> list[int]:
@@ -110,19 +144,42 @@ def select_subset(n: int, cfg) -> list[int]:
     return random.Random(cfg.seed).sample(range(n), k)
 
 
-def load_source(cfg, device) -> Source:
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "config" / "defense"
+
+
+def pick_yaml(cfg, method: str, dataset: str | None, model: str | None) -> None:
+    """Without --yaml_path, the shipped yaml for the run's data set and model, as sh/sweep.sh
+    picks it: config/defense/<method>/<dataset>_<model>.yaml, else <dataset>.yaml, else
+    default.yaml; its values fill what the command line left at the defaults. The names were
+    checked against the registries, so they name files of ours only."""
+    if cfg.yaml_path is not None:
+        return
+    names = [f"{dataset}_{model}", str(dataset)] if dataset else []
+    for name in [n for n in names if re.fullmatch(r"[a-z0-9_]+", n)] + ["default"]:
+        path = CONFIG_ROOT / method / f"{name}.yaml"
+        if path.is_file():
+            apply_yaml(cfg, path, f"picked for {dataset}/{model}")
+            seed_everything(cfg.seed)  # the yaml may set it
+            log.info("no --yaml_path: using %s (the %s settings; --yaml_path none for the "
+                     "option defaults)", path.relative_to(CONFIG_ROOT.parents[1]), dataset)
+            return
+    log.info("no --yaml_path and no yaml for %s/%s: the option defaults", dataset, model)
+
+
+def load_source(cfg, device, method: str) -> Source:
     if cfg.model_file:
-        return from_model_file(cfg, device)
-    given = [f"--{k}" for k in MODEL_FILE_OPTIONS
-             if k != "blend_alpha" and getattr(cfg, k) is not None]
+        return from_model_file(cfg, device, method)
+    # num_classes and target_label are checks in a record run (BackdoorBench's yamls carry them)
+    given = [f"--{k}" for k in MODEL_FILE_OPTIONS if getattr(cfg, k) is not None
+             and k not in ("blend_alpha", "num_classes", "target_label")]
     require(not given, f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for runs on a "
                        "--model_file; a record brings its own model and data: drop them")
-    return from_record(cfg, device)
+    return from_record(cfg, device, method)
 
 
 # ---------------------------------------------------------------- a BackdoorBench record
 
-def from_record(cfg, device) -> Source:
+def from_record(cfg, device, method: str) -> Source:
     require(bool(cfg.result_file), "--result_file is required (the record folder name under "
                                    f"{cfg.record_dir}/), or --model_file for a model without one")
     record = load_attack_record(Path(cfg.record_dir) / cfg.result_file, trust=cfg.trust_record)
@@ -132,39 +189,50 @@ def from_record(cfg, device) -> Source:
                 f"--{key} {given} disagrees with the record, which holds {key} '{actual}': "
                 f"drop --{key} or pick the matching record")
     spec = get_dataset(record.clean_data)
+    pick_yaml(cfg, method, spec.name, record.model_name.lower())
     require(record.num_classes == spec.num_classes,
             f"record says {record.num_classes} classes but {spec.name} has {spec.num_classes}: "
             "the record was made on another data set; pick the matching record")
     channels = input_channels(record.state_dict)
+    check_given(cfg, "the record", num_classes=record.num_classes, input_height=record.img_size[0],
+                input_width=record.img_size[1], input_channel=channels)
     model = record_model(record, record.state_dict, spec, device)
     # Only the images the run uses are decoded: the whole test split (evaluated), the defense
     # subset and the retuning set's images of the training split.
     clean_train = clean_split(spec.name, cfg.dataset_path, train=True)
     clean_test = clean_split(spec.name, cfg.dataset_path, train=False).subset()
     subset_index = select_subset(len(clean_train), cfg)
+    bd_test = record.bd_test.images(clean_test)
+    if cfg.target_label is not None:
+        targets = sorted(set(bd_test.labels[bd_test.poisoned].tolist()))
+        require(targets == [cfg.target_label], f"--target_label {cfg.target_label} disagrees with "
+                f"the record, whose backdoor test set is labelled {targets}: drop it (a record "
+                "run takes the target from the record) or pick the matching record")
     return Source(
         model=model, model_name=record.model_name, num_classes=record.num_classes,
         dataset=spec.name, data_folder=str(find_dataset_folder(spec.name, cfg.dataset_path)),
         channels=channels, mean=spec.mean, std=spec.std, hflip=spec.hflip,
         clean_train=clean_train, subset_index=subset_index, clean_test=clean_test,
-        bd_test=record.bd_test.images(clean_test),
-        test_set=f"the {spec.name} test split ({len(clean_test)} images)",
+        bd_test=bd_test, test_set=f"the {spec.name} test split ({len(clean_test)} images)",
         original=record.state_dict, record=record)
 
 
 # ---------------------------------------------------------------- a model file
 
-def from_model_file(cfg, device) -> Source:
+def from_model_file(cfg, device, method: str) -> Source:
     require(bool(cfg.model), "--model_file needs --model, the architecture's registered name "
                              "(python -c 'import models; print(models.model_names())')")
     require(bool(cfg.output_dir), "--model_file needs --output_dir, the folder for the results")
     require(not cfg.retune_check, "--retune_check needs a record's poisoned training data: drop it "
                                   "for a --model_file run")
     spec = get_dataset(cfg.dataset) if cfg.dataset else None
+    pick_yaml(cfg, method, spec and spec.name, cfg.model.lower())
     weights = read_state_dict(cfg.model_file, "--model_file")
     channels = input_channels(weights)
     height, width = _image_size(cfg, spec)
     size = (height, width, channels)
+    check_given(cfg, "--model_file's input", input_height=height, input_width=width,
+                input_channel=channels)
 
     num_classes = cfg.num_classes or _classifier_rows(cfg.model, weights) or \
         (spec.num_classes if spec else None)

@@ -21,10 +21,13 @@ UNLEARNING_OPTIONS = {
     "stop_rule": Option("epoch", "when CA_min is checked: 'epoch' (running accuracy of each epoch, "
                         "the public code) or 'step' (before every step, on its mini-batch)",
                         choices=("epoch", "step")),
-    "unlearning_momentum": Option(0.9, "SGD momentum while unlearning"),
-    "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning"),
-    "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs), gamma 0.1",
-                                    nargs="+", bounds=">= 0"),
+    "unlearning_momentum": Option(0.9, "SGD momentum while unlearning",
+                                  aliases=("sgd_momentum",)),
+    "unlearning_weight_decay": Option(5e-4, "SGD weight decay while unlearning", aliases=("wd",)),
+    "unlearning_milestones": Option([10, 20], "MultiStepLR milestones (epochs) while unlearning",
+                                    nargs="+", bounds=">= 0", aliases=("steplr_milestones",)),
+    "unlearning_gamma": Option(0.1, "MultiStepLR factor at each milestone", bounds="> 0",
+                               aliases=("steplr_gamma",)),
     "clip_norm": Option(20.0, "gradient-norm clipping while unlearning (0: off)", bounds=">= 0"),
 }
 
@@ -39,7 +42,8 @@ def unlearn(model, batches, cfg, log_epoch: Callable | None = None) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.unlearning_lr,
                                 momentum=cfg.unlearning_momentum,
                                 weight_decay=cfg.unlearning_weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones, 0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.unlearning_milestones,
+                                                     cfg.unlearning_gamma)
     step_stop = None
     if cfg.stop_rule == "step":
         def step_stop(logits, labels):
