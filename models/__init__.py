@@ -14,6 +14,7 @@ Nothing here downloads anything: weights come only from a local file (`weights_p
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -26,7 +27,7 @@ from utils.core.errors import UserError, shown
 
 __all__ = ["register_model", "register_family", "model_names", "declared_classifier",
            "build_model", "find_classifier", "input_channels", "load_weights",
-           "strip_module_prefix", "read_state_dict", "load_aligned"]
+           "strip_module_prefix", "read_state_dict", "load_aligned", "build_for_weights"]
 
 Builder = Callable[[int, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
@@ -314,12 +315,56 @@ def load_aligned(model: nn.Module, state_dict: dict, where: str) -> None:
     """Load a file's state dict (read_state_dict) into `model`, its keys aligned (_align_prefix);
     a mismatch is one UserError naming `where` and listing what differs."""
     sd = _align_prefix(state_dict, list(model.state_dict()))
+    _check_fit(model, sd, where)
+    load_weights(model, sd)
+
+
+def _check_fit(model: nn.Module, sd: dict, where: str) -> None:
     missing, unexpected, shapes = _diff(model.state_dict(), sd)
     if missing or unexpected or shapes:
         raise UserError(f"{where} does not fit the {type(model).__name__} model ("
-                        f"{_mismatch_text(missing, unexpected, shapes)}): check --model, "
-                        f"--num_classes and the input channels (weights of another architecture?)")
+                        f"{_mismatch_text(missing, unexpected, shapes)}): check the model name, "
+                        f"the class count and the input channels (weights of another "
+                        f"architecture?)")
+
+
+@contextlib.contextmanager
+def _without_storage():
+    """Modules built inside hold their parameters and buffers on the meta device: shapes without
+    memory. (Not a torch.device('meta') context: some builders compute layer widths with tensors,
+    which must stay real.)"""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, \
+            register_buffer
+
+
+def build_for_weights(name: str, num_classes: int, in_channels: int, image_size: int,
+                      state_dict: dict, where: str) -> nn.Module:
+    """The model `name` with `state_dict` loaded. Weights someone else made name the model, so
+    the fit is checked on a storage-free build first: a small file naming a huge architecture
+    (e.g. vit_h_14, 2.5 GB) is refused without allocating it."""
+    skeleton_args = (name, num_classes, in_channels, image_size)
+    with _without_storage():
+        skeleton = build_model(*skeleton_args)
+    sd = _align_prefix(state_dict, list(skeleton.state_dict()))
+    _check_fit(skeleton, sd, where)
+    del skeleton
+    model = build_model(*skeleton_args)
     load_weights(model, sd)
+    return model
 
 
 def _load_pretrained(model: nn.Module, name: str, num_classes: int, path) -> None:

@@ -306,3 +306,48 @@ def test_a_record_exported_to_files_defends_alike(small_badnet_record, tmp_path)
     for phase in ("before", "after"):
         assert got[phase] == pytest.approx(expected[phase], abs=2e-4), phase
     assert got["test_samples"] == expected["test_samples"]
+
+
+def test_one_function_call_on_a_safetensors_file_and_a_png_folder(tmp_path):
+    """The notebook path: the user's own model and image folder, torchvision's ImageFolder as the
+    Dataset, one purify call."""
+    from torchvision import datasets, transforms
+    from defense import ulrl
+    from models import load_aligned
+    torch.manual_seed(0)
+    save_file(build_model("resnet18", 3, in_channels=3, image_size=32).state_dict(),
+              tmp_path / "m.safetensors")
+    write_folder(tmp_path / "clean", *(lambda x, y: (x, y % 3))(*random_images(30, 3, 32)),
+                 names=["ant", "bee", "cow"])
+    model = build_model("resnet18", 3, in_channels=3, image_size=32)
+    load_aligned(model, read_state_dict(tmp_path / "m.safetensors"), "m.safetensors")
+    folder = datasets.ImageFolder(tmp_path / "clean", transform=transforms.PILToTensor())
+    purified, report = ulrl.purify(model, folder, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=10,
+                                   unlearning_epochs=1, relearn_epochs=1, clean_threshold=0.0)
+    assert report["classifier"] == "fc" and report["defense_samples"] == 30
+    assert len(report["identification"]["scores"]) == 3
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in purified.state_dict().items())
+
+
+def test_small_weights_naming_a_huge_model_are_refused_without_building_it():
+    """A record or file that names vit_h_14 (632 M parameters, 2.5 GB) or regnet_y_128gf over a
+    small state dict: the fit is checked on a storage-free build, so the refusal costs no memory
+    (measured: peak RSS 687-692 MiB against 684 MiB for the fitting smallcnn; a real vit_h_14
+    build alone takes 2.5 GB)."""
+    import subprocess
+    import sys
+    script = ("import resource, sys; from models import build_model, build_for_weights\n"
+              "from utils.core.errors import UserError\n"
+              "sd = build_model('smallcnn', 10, 1, 28).state_dict()\n"
+              "try:\n    build_for_weights(sys.argv[1], 10, 1, 28, sd, 'the weights')\n"
+              "except UserError as e:\n    print(e)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    peak = {}
+    for name in ("smallcnn", "vit_h_14", "regnet_y_128gf"):
+        done = subprocess.run([sys.executable, "-c", script, name], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        lines = done.stdout.splitlines()
+        assert done.returncode == 0 and (name == "smallcnn") == (len(lines) == 1), done.stderr
+        assert name == "smallcnn" or "does not fit the" in lines[0]
+        peak[name] = int(lines[-1])
+    assert max(peak["vit_h_14"], peak["regnet_y_128gf"]) < peak["smallcnn"] + 400

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from models import build_model, declared_classifier, input_channels, load_aligned, \
-    read_state_dict
+from models import build_for_weights, declared_classifier, input_channels, read_state_dict
 from utils.core.cli import log, require, seed_everything
 from utils.core.config import Option, apply_yaml
 from utils.core.errors import UserError, shown
@@ -240,8 +239,8 @@ def from_model_file(cfg, device, method: str) -> Source:
     if num_classes is None:
         num_classes = max(classes.values()) + 1
         log.info("%d classes, from the class folders of --clean_dir", num_classes)
-    model = build_model(cfg.model, num_classes, in_channels=channels, image_size=height)
-    load_aligned(model, weights, f"--model_file {shown(cfg.model_file, 200)}")
+    model = build_for_weights(cfg.model, num_classes, channels, height, weights,
+                              f"--model_file {shown(cfg.model_file, 200)}")
     subset_index = select_subset(len(clean), cfg)
     test, test_set = _test_images(cfg, spec, size, num_classes, classes, clean, subset_index)
     require(cfg.target_label is None or cfg.target_label < num_classes,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import build_model, input_channels, load_weights
+from models import build_for_weights, input_channels, strip_module_prefix
 from utils.core.cli import progress, require
 from utils.core.errors import UserError
 from utils.data.images import ImageSet, Preprocess
@@ -46,9 +46,9 @@ def record_model(record, state_dict, spec, device) -> torch.nn.Module:
     channels = input_channels(record.state_dict)
     require(channels in (1, 3), f"the record's first convolution takes {channels} input channels; "
                                 "images have 1 or 3: the record's weights are damaged")
-    model = build_model(record.model_name, record.num_classes, in_channels=channels,
-                        image_size=spec.image_size[0])
-    load_weights(model, state_dict)
+    model = build_for_weights(record.model_name, record.num_classes, channels,
+                              spec.image_size[0], strip_module_prefix(state_dict),
+                              f"the weights of model '{record.model_name}'")
     return to_device(model, device)
 
 
