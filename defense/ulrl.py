@@ -41,6 +41,10 @@ OPTIONS = {
     "dispersion": Option("mad", "outlier scale: 'mad', 'sd' or 'iqr' (Appendix C)",
                          choices=("mad", "sd", "iqr")),
     "tau": Option(3.5, "outlier threshold on the z-score (MAD threshold tau)", bounds="> 0"),
+    "flag_rule": Option("code", "'code': the public code's modified z-score, (s - median) / "
+                        "(1.4826 MAD) > tau, upper tail; 'paper': Algorithm 2's |s - median| > "
+                        "tau x MAD, either direction, ranked by deviation",
+                        choices=("code", "paper")),
     "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)", bounds=">= 0"),
     "selection": Option("mad", "'mad': reinitialize the flagged outliers; 'random': random_k "
                         "neurons drawn with --seed (Table VI)", choices=("mad", "random")),
@@ -79,32 +83,39 @@ def spread(scores: torch.Tensor, dispersion: str) -> tuple[torch.Tensor, str, to
 
 
 def score_neurons(w_pre: torch.Tensor, w_post: torch.Tensor, tau: float, ht: int,
-                  dispersion: str = "mad") -> dict:
+                  dispersion: str = "mad", rule: str = "code") -> dict:
     """Flag classifier neurons (rows) whose weights moved abnormally far during unlearning.
 
-    score_j = sum_k |w_post[j,k] - w_pre[j,k]|; z_j = (score_j - center) / scale with the scale of
-    `dispersion` (mad: modified z-score, 1.4826 MAD); flagged: z_j > tau (upper tail only), the `ht`
-    LARGEST scores kept (Alg. 2 sorts by deviation; ties broken by the lower index). A zero spread
-    (e.g. over half the neurons moved identically) falls back to 1.2533 x the mean absolute
-    deviation from the center; if that is 0 too, nothing is an outlier."""
+    score_j = sum_k |w_post[j,k] - w_pre[j,k]|, d_j = score_j - center. Rule 'code' (the public
+    code): z_j = d_j / scale with the scale of `dispersion` in sigma units (mad: 1.4826 MAD, the
+    modified z-score), flagged when z_j > tau (upper tail only). Rule 'paper' (Algorithm 2, lines
+    9-17): flagged when |d_j| > tau x the raw spread (MAD), in either direction. Outliers are
+    ranked by the size of their deviation and the `ht` largest kept (Alg. 2 sorts by deviation;
+    ties broken by the lower index). A zero spread (e.g. over half the neurons moved identically)
+    falls back to the mean absolute deviation from the center (x 1.2533 in sigma units); if that
+    is 0 too, nothing is an outlier."""
     scores = (w_post.float() - w_pre.float()).abs().sum(1).cpu()
     center, scale_name, raw = spread(scores, dispersion)
     deviation = scores - center
-    scale = SIGMA_PER_SPREAD[dispersion] * raw
+    sigma = rule == "code"  # the code scales the spread to a normal's sigma; the paper does not
+    scale = SIGMA_PER_SPREAD[dispersion] * raw if sigma else raw
     if scale == 0:
-        scale_name, scale = "mean_absolute_deviation", MEAN_AD_TO_SIGMA * deviation.abs().mean()
-    ranking = sorted(range(len(scores)), key=lambda j: (-scores[j].item(), j))  # largest first
+        scale_name = "mean_absolute_deviation"
+        scale = (MEAN_AD_TO_SIGMA if sigma else 1.0) * deviation.abs().mean()
+    size = deviation if rule == "code" else deviation.abs()
+    ranking = sorted(range(len(scores)), key=lambda j: (-size[j].item(), j))  # largest first
     if scale > 0:
-        outliers = [j for j in ranking if deviation[j] / scale > tau]
+        outliers = [j for j in ranking if size[j] / scale > tau]
     else:
         scale_name, outliers = "none (all scores equal)", []
     flagged = outliers[:ht] if ht > 0 else outliers
-    tie_at_cap = 0 < ht < len(outliers) and scores[outliers[ht - 1]] == scores[outliers[ht]]
+    tie_at_cap = 0 < ht < len(outliers) and size[outliers[ht - 1]] == size[outliers[ht]]
     median = scores.median()
     return {"scores": [round(s, 6) for s in scores.tolist()], "dispersion": dispersion,
-            "center": center.item(), "median": median.item(),
+            "rule": rule, "center": center.item(), "median": median.item(),
             "mad": (scores - median).abs().median().item(), "scale": scale_name,
             "scale_value": float(scale), "threshold": (center + tau * scale).item(),
+            **({"lower_threshold": (center - tau * scale).item()} if rule == "paper" else {}),
             "ranking": ranking, "outliers": outliers, "flagged": flagged,
             "tie_at_cap": bool(tie_at_cap)}
 
@@ -203,7 +214,8 @@ def defend(run: DefenseSession) -> dict:
     unlearning = run.timed("unlearning", unlearn, model, batches, cfg, run.log_epoch)
     w_post = linear.weight.detach().clone()
     # Lines 9-17: score the neurons and flag the outliers.
-    found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion)
+    found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion,
+                      cfg.flag_rule)
     log.info("neuron scores: center %.4g, %s %.4g, threshold %.4g; flagged %s (outliers %s)",
              found["center"], found["scale"], found["scale_value"], found["threshold"],
              found["flagged"], found["outliers"])

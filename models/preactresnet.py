@@ -4,6 +4,11 @@ Parameter groups: `conv1`, `layer1`..`layer4` (two pre-activation blocks each), 
 BackdoorBench there is no BatchNorm after the stem conv and none (nor a ReLU) after `layer4`: the
 last block's sum goes straight into the adaptive average pool, which makes any input size work.
 11,171,146 parameters for 10 classes and 3 input channels.
+
+`preactresnet18_w16` and `preactresnet18_w32` are the same topology and layer names at a quarter and
+a half of the width (16/32/64/128 and 32/64/128/256 channels): sizes that train on a laptop CPU, for
+checking results of the paper's architecture without a GPU (the quarter width has 1/16 of the
+convolution work).
 """
 from __future__ import annotations
 
@@ -36,19 +41,21 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, blocks_per_layer=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, blocks_per_layer=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3,
+                 width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        planes_in = 64
-        for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2),
-                                                    blocks_per_layer), start=1):
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        planes_in = width
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        for i, (planes, stride, n) in enumerate(zip(widths, (1, 2, 2, 2), blocks_per_layer),
+                                                start=1):
             blocks = []
             for s in [stride] + [1] * (n - 1):
                 blocks.append(PreActBlock(planes_in, planes, s))
                 planes_in = planes
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
@@ -60,3 +67,13 @@ class PreActResNet(nn.Module):
 @register_model("preactresnet18", classifier="linear")
 def preactresnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+@register_model("preactresnet18_w32", classifier="linear")
+def preactresnet18_w32(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, width=32)
+
+
+@register_model("preactresnet18_w16", classifier="linear")
+def preactresnet18_w16(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, width=16)

@@ -31,6 +31,26 @@ def test_mad_sd_and_iqr_flag_differently_on_a_crafted_vector():
     assert flagged == {"mad": [9, 8], "sd": [], "iqr": [9]}
 
 
+# Median 1.0 (torch's lower middle of ten), MAD 0.05. Neuron 9 sits 1.0 above, 8 sits 0.9 below,
+# 7 sits 0.2 above: between the paper's cut (3.5 x 0.05 = 0.175) and the code's (3.5 x 1.4826 x
+# 0.05 = 0.259).
+TWO_SIDED = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.2, 0.1, 2.0]
+
+
+def test_the_paper_rule_is_raw_mad_and_two_sided_the_code_rule_scaled_and_upper():
+    paper = score_neurons(*moved(TWO_SIDED), tau=3.5, ht=0, rule="paper")
+    code = score_neurons(*moved(TWO_SIDED), tau=3.5, ht=0, rule="code")
+    assert paper["flagged"] == [9, 8, 7] and code["flagged"] == [9]
+    assert paper["scale_value"] == pytest.approx(0.05, rel=1e-5)
+    assert code["scale_value"] == pytest.approx(1.4826 * 0.05, rel=1e-5)
+    assert paper["threshold"] == pytest.approx(1.175, rel=1e-5)
+    assert paper["lower_threshold"] == pytest.approx(0.825, rel=1e-5)
+    assert code["threshold"] == pytest.approx(1.0 + 3.5 * 1.4826 * 0.05, rel=1e-5)
+    # the cap keeps the largest deviations: 9 (+1.0) and 8 (-0.9) for the paper
+    assert score_neurons(*moved(TWO_SIDED), tau=3.5, ht=2, rule="paper")["flagged"] == [9, 8]
+    assert score_neurons(*moved(CRAFTED), tau=3.5, ht=0, rule="paper")["flagged"] == [9, 8, 7]
+
+
 def test_each_dispersion_uses_its_center_and_sigma_scaled_spread():
     scores = torch.tensor(CRAFTED)
     sd = score_neurons(*moved(CRAFTED), tau=2.0, ht=0, dispersion="sd")
@@ -65,7 +85,8 @@ def synthetic_run(**cfg):
                       augment=False, seed=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
     defaults = dict(unlearning_lr=0.01, unlearning_momentum=0.9, unlearning_weight_decay=5e-4,
-                    unlearning_milestones=[10, 20], unlearning_epochs=3, clip_norm=20.0, amp=False,
+                    unlearning_milestones=[10, 20], unlearning_gamma=0.1, unlearning_epochs=3,
+                    clip_norm=20.0, amp=False,
                     clean_threshold=0.2, stop_rule="epoch", relearn_lr=0.05, relearn_epochs=2,
                     relearn_momentum=0.9, alpha=0.7, regularizer="cosine")
     run = SimpleNamespace(cfg=SimpleNamespace(**{**defaults, **cfg}), rows=[])
