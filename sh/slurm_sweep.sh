@@ -50,6 +50,9 @@ record_dir="$(cd "$record_dir" && pwd)"
 if [ $dry -eq 1 ]; then  # a dry run leaves nothing behind
   tasks=$(mktemp); trap 'rm -f "$tasks"' EXIT
 else
+  # records come from others: a link named slurm must not carry the task list (which the array
+  # tasks run) into a folder of someone's choosing
+  [ -L "$record_dir/slurm" ] && { echo "$record_dir/slurm is a symbolic link: remove it, then rerun" >&2; exit 2; }
   mkdir -p "$record_dir/slurm"
   # a unique name: a second submission in the same second must not replace a running array's list
   tasks=$(mktemp "$record_dir/slurm/tasks-$(date +%Y%m%d-%H%M%S)-XXXXXX.txt")

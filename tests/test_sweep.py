@@ -138,6 +138,22 @@ def test_slurm_dry_run_and_array_task(tmp_path):
     assert task.returncode == 0 and task.stdout.splitlines()[-1] == "second task"
 
 
+def test_slurm_task_lists_are_not_written_through_a_link(tmp_path):
+    """A record folder named slurm that is a link (records come from others) would carry the task
+    list, which the array tasks run, into a folder of its choosing: refused."""
+    records, elsewhere, bin_dir = tmp_path / "records", tmp_path / "elsewhere", tmp_path / "bin"
+    fake_record(records, "a")
+    elsewhere.mkdir()
+    (records / "slurm").symlink_to(elsewhere)
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho Submitted batch job 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    done = sh("slurm_sweep.sh", "--record_dir", records, "--defenses", "ulrl", "--sbatch",
+              "--cpus-per-task 1", path_dirs=[bin_dir])
+    assert done.returncode == 2 and "is a symbolic link" in done.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_real_tiny_sweep_runs_then_resumes(tmp_path):
     tiny_record(tmp_path / "r")  # no attack_summary.json: the data set is read from the record
     args = ["--record_dir", tmp_path, "--defenses", "ulrl", "r", "--", "--ratio", "0.002",
