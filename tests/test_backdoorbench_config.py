@@ -55,9 +55,11 @@ def test_the_public_ulrl_yaml_runs_unchanged(small_badnet_record):
     # BackdoorBench's df_summary layout, and ours beside it
     rows = read_rows(out / "ulrl_bbyaml_df_summary.csv")
     assert list(rows) == ["last", "valid_max", "exist_nan_value"]
-    assert float(rows["last"]["test_asr"]) == pytest.approx(summary["after"]["test_asr"])
     assert float(rows["valid_max"]["test_acc"]) >= float(rows["last"]["test_acc"])
     assert rows["exist_nan_value"]["test_ra"] == "False"
+    pandas = pytest.importorskip("pandas")  # as BackdoorBench's analysis code reads it
+    frame = pandas.read_csv(out / "ulrl_bbyaml_df_summary.csv", index_col=0)
+    assert float(frame.loc["last", "test_asr"]) == pytest.approx(summary["after"]["test_asr"])
     with (out / "ulrl_bbyaml_before_after.csv").open() as file:
         assert [row["model"] for row in csv.DictReader(file)] == ["backdoored", "ulrl_bbyaml"]
 
