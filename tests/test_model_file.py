@@ -322,11 +322,28 @@ def test_one_function_call_on_a_safetensors_file_and_a_png_folder(tmp_path):
     model = build_model("resnet18", 3, in_channels=3, image_size=32)
     load_aligned(model, read_state_dict(tmp_path / "m.safetensors"), "m.safetensors")
     folder = datasets.ImageFolder(tmp_path / "clean", transform=transforms.PILToTensor())
-    purified, report = ulrl.purify(model, folder, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=10,
-                                   unlearning_epochs=1, relearn_epochs=1, clean_threshold=0.0)
+    test_images, test_labels = random_images(12, 3, 32, seed=1)
+    triggered = paste(test_images, torch.full((3, 4, 4), 255, dtype=torch.uint8), 28, 28)
+    purified, report = ulrl.purify(
+        model, folder, mean=(0.5,) * 3, std=(0.25,) * 3, test=(test_images, test_labels % 3),
+        backdoor_test=(triggered, test_labels % 3), target_label=1, batch_size=10,
+        unlearning_epochs=1, relearn_epochs=1, clean_threshold=0.0)
     assert report["classifier"] == "fc" and report["defense_samples"] == 30
+    assert set(report["before"]) == set(report["after"]) == {"test_acc", "test_asr", "test_ra"}
     assert len(report["identification"]["scores"]) == 3
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in purified.state_dict().items())
+
+
+def test_api_test_sets_are_checked():
+    from defense import ft
+    model = build_model("smallcnn", 10, in_channels=1, image_size=28)
+    images, labels = random_images(20)
+    with pytest.raises(UserError, match="backdoor_test and target_label go together"):
+        ft.purify(model, images, labels, test=(images, labels), backdoor_test=(images, labels))
+    with pytest.raises(UserError, match="test images are \\(1, 14, 14\\)"):
+        ft.purify(model, images, labels, test=(images[..., :14, :14], labels))
+    _, report = ft.purify(model, images, labels, test=(images, labels), epochs=1)
+    assert set(report["before"]) == {"test_acc"}
 
 
 def test_small_weights_naming_a_huge_model_are_refused_without_building_it():

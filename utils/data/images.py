@@ -76,6 +76,20 @@ class ImageSet:
         return replace(self, images=convert_channels(self.images, channels))
 
 
+def backdoor_set(triggered: ImageSet, target: int, trigger=None) -> ImageSet:
+    """A backdoor test set from images labelled by their true class: those of the target class
+    left out (as BackdoorBench's bd_test), `trigger(images)` applied if given (else the images
+    carry it already), labels = the target, true labels kept for RA."""
+    keep = (triggered.labels != target).nonzero().flatten()
+    if len(keep) == 0:
+        raise UserError(f"every backdoor test image is of the target class {target}: ASR needs "
+                        "images of other classes")
+    part = triggered.subset(keep)
+    images = part.images if trigger is None else trigger(part.images)
+    return ImageSet(images, torch.full_like(part.labels, target), part.labels,
+                    torch.ones(len(part), dtype=torch.bool, device=part.labels.device))
+
+
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """Match the channel count a model expects: grey -> RGB repeats, RGB -> grey uses ITU-R 601-2
     luma (PIL's "L" conversion), so 1-channel data run on 3-channel models and vice versa."""

@@ -9,13 +9,17 @@ API below makes one from a model and images in memory:
 
     from defense.ulrl import purify
     purified, report = purify(model, images, labels, alpha=0.3, mean=(0.5,), std=(0.5,))
+    purified, report = purify(model, images, labels, test=(x, y), backdoor_test=(x_bd, y_true),
+                              target_label=0)  # report["before"] / ["after"]: C-ACC, ASR, RA
 
 `images` are uint8 [N, C, H, W] (or floats in [0, 1]) with int labels [N], or a torch Dataset of
 (image, label) pairs; every option of the defense's command line is a keyword with the same default
 and checks. `mean` / `std` are the normalization the model expects (default none: pixels in
-[0, 1]); `hflip` adds random horizontal flips to the random-crop augmentation. The model given is
-left as it was: a purified copy is returned, with the report (the details summary.json would hold,
-the options used and the phase times). Nothing is written.
+[0, 1]); `hflip` adds random horizontal flips to the random-crop augmentation; `test` (a Dataset
+or (images, labels)) adds C-ACC before and after, `backdoor_test` (images carrying the trigger,
+labelled by their true class) with `target_label` ASR and RA. The model given is left as it was: a
+purified copy is returned, with the report (the details summary.json would hold, the options used
+and the phase times). Nothing is written.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from models import find_classifier
 from utils.core.cli import log, require, seed_everything, set_threads
 from utils.core.config import config_from
-from utils.data.images import ImageSet, Preprocess
+from utils.data.images import ImageSet, Preprocess, backdoor_set
 from utils.defenses.sources import MODEL_FILE_OPTIONS
 from utils.training.train import Batches, backdoor_metrics, eval_batch_size, resolve_device, \
     to_device
@@ -143,20 +147,24 @@ RECORD_OPTIONS = ("result_file", "record_dir", "dataset", "model", "dataset_path
 
 def python_api(options: dict, defend, method: str):
     """The defense's `purify(model, images, labels=None, *, mean=None, std=None, hflip=False,
-    **options) -> (purified model, report)` (see the module docstring)."""
+    test=None, backdoor_test=None, target_label=None, **options) -> (purified model, report)`
+    (see the module docstring)."""
     options = {k: v for k, v in options.items() if k not in RECORD_OPTIONS}
 
     def purify(model: torch.nn.Module, images, labels=None, /, *, mean=None, std=None,
-               hflip: bool = False, **values):
+               hflip: bool = False, test=None, backdoor_test=None, target_label=None, **values):
         cfg = config_from(options, values, f"{method}.purify()")
         session = ModelSession(cfg, model, as_image_set(images, labels), mean, std, hflip)
+        session.test_sets = test_sets(session, test, backdoor_test, target_label)
         t0 = time.perf_counter()
+        before = session.evaluate()
         details = defend(session)
         session.times["total"] = time.perf_counter() - t0
         session.model.eval()
         report = {"method": method, "classifier": session.linear_name,
-                  "defense_samples": len(session.defense_data), **details,
-                  "epochs": session.epochs,
+                  "defense_samples": len(session.defense_data),
+                  **({"before": before, "after": session.evaluate()} if before else {}),
+                  **details, "epochs": session.epochs,
                   "times_s": {k: round(v, 3) for k, v in session.times.items()},
                   "config": vars(cfg)}
         return session.model, report
@@ -166,3 +174,26 @@ def python_api(options: dict, defend, method: str):
                       "utils/defenses/session.py.")
     return purify
 
+
+def test_sets(session: ModelSession, test, backdoor_test, target_label):
+    """(clean test set, backdoor test set or None) on the session's device, or None without a
+    test set. Each is a Dataset or an (images, labels) pair; the backdoor images carry the
+    trigger and are labelled by their true class, with `target_label` the backdoor's target."""
+    require(backdoor_test is None or test is not None,
+            "backdoor_test needs test too (C-ACC is measured alongside ASR)")
+    require((backdoor_test is None) == (target_label is None),
+            "backdoor_test and target_label go together: the triggered images and the class "
+            "they make the model predict")
+    if test is None:
+        return None
+    sets = [as_image_set(*(test if isinstance(test, (tuple, list)) else (test, None)))]
+    if backdoor_test is not None:
+        pairs = backdoor_test if isinstance(backdoor_test, (tuple, list)) else (backdoor_test, None)
+        sets.append(backdoor_set(as_image_set(*pairs), int(target_label)))
+    channels = session.defense_data.channels
+    for data in sets:
+        require(data.image_shape == session.defense_data.image_shape,
+                f"test images are {data.image_shape}, the defense images "
+                f"{session.defense_data.image_shape}: give them the same shape")
+    sets = [data.with_channels(channels).to(session.device) for data in sets]
+    return sets[0], (sets[1] if len(sets) > 1 else None)

@@ -27,7 +27,7 @@ from utils.core.config import Option, apply_yaml
 from utils.core.errors import UserError, shown
 from utils.data.datasets import CleanSplit, clean_split, find_dataset_folder, get_dataset
 from utils.data.folders import image_folder
-from utils.data.images import ImageSet
+from utils.data.images import ImageSet, backdoor_set
 from utils.data.record import AttackRecord, load_attack_record
 from utils.data.triggers import blend, fit_pattern, load_image, paste
 from utils.training.train import record_model, to_device
@@ -334,22 +334,12 @@ def _backdoor_test(cfg, test: ImageSet, size, classes, num_classes) -> ImageSet 
         return None
     if cfg.bd_test_dir:
         folder = image_folder(cfg.bd_test_dir, size, num_classes, "--bd_test_dir", classes)
-        source = folder.split.subset()
-    else:
-        source = test
-    keep = (source.labels != target).nonzero().flatten()
-    require(len(keep) > 0, f"every backdoor test image is of the target class {target}: ASR "
-                           "needs images of other classes")
-    source = source.subset(keep)
-    images = source.images
+        return backdoor_set(folder.split.subset(), target)
     if cfg.trigger_patch:
-        images = _pasted(cfg, images)
-    elif cfg.trigger_blend:
-        pattern, _ = load_image(cfg.trigger_blend, f"--trigger_blend {cfg.trigger_blend}")
-        images = blend(images, fit_pattern(pattern, images.shape[1], *images.shape[2:]),
-                       cfg.blend_alpha)
-    return ImageSet(images, torch.full_like(source.labels, target), source.labels,
-                    torch.ones(len(source), dtype=torch.bool))
+        return backdoor_set(test, target, lambda images: _pasted(cfg, images))
+    pattern, _ = load_image(cfg.trigger_blend, f"--trigger_blend {cfg.trigger_blend}")
+    return backdoor_set(test, target, lambda images: blend(
+        images, fit_pattern(pattern, images.shape[1], *images.shape[2:]), cfg.blend_alpha))
 
 
 def _pasted(cfg, images: torch.Tensor) -> torch.Tensor:
