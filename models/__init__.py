@@ -311,6 +311,12 @@ def _align_prefix(sd: dict, model_keys: list[str]) -> dict:
     return sd
 
 
+FILE_ADVICE = ("check --model, --num_classes and the input channels, or the weights come from "
+               "another architecture")
+RECORD_ADVICE = ("the record's model_name or num_classes may be wrong, or the weights come from "
+                 "another architecture")
+
+
 def load_aligned(model: nn.Module, state_dict: dict, where: str) -> None:
     """Load a file's state dict (read_state_dict) into `model`, its keys aligned (_align_prefix);
     a mismatch is one UserError naming `where` and listing what differs."""
@@ -319,13 +325,11 @@ def load_aligned(model: nn.Module, state_dict: dict, where: str) -> None:
     load_weights(model, sd)
 
 
-def _check_fit(model: nn.Module, sd: dict, where: str) -> None:
+def _check_fit(model: nn.Module, sd: dict, where: str, advice: str = FILE_ADVICE) -> None:
     missing, unexpected, shapes = _diff(model.state_dict(), sd)
     if missing or unexpected or shapes:
-        raise UserError(f"{where} does not fit the {type(model).__name__} model ("
-                        f"{_mismatch_text(missing, unexpected, shapes)}): check the model name, "
-                        f"the class count and the input channels (weights of another "
-                        f"architecture?)")
+        raise UserError(f"{where} do not fit the {type(model).__name__} model ("
+                        f"{_mismatch_text(missing, unexpected, shapes)}): {advice}")
 
 
 @contextlib.contextmanager
@@ -352,7 +356,7 @@ def _without_storage():
 
 
 def build_for_weights(name: str, num_classes: int, in_channels: int, image_size: int,
-                      state_dict: dict, where: str) -> nn.Module:
+                      state_dict: dict, where: str, advice: str = FILE_ADVICE) -> nn.Module:
     """The model `name` with `state_dict` loaded. Weights someone else made name the model, so
     the fit is checked on a storage-free build first: a small file naming a huge architecture
     (e.g. vit_h_14, 2.5 GB) is refused without allocating it."""
@@ -360,7 +364,7 @@ def build_for_weights(name: str, num_classes: int, in_channels: int, image_size:
     with _without_storage():
         skeleton = build_model(*skeleton_args)
     sd = _align_prefix(state_dict, list(skeleton.state_dict()))
-    _check_fit(skeleton, sd, where)
+    _check_fit(skeleton, sd, where, advice)
     del skeleton
     model = build_model(*skeleton_args)
     load_weights(model, sd)

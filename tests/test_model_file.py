@@ -235,9 +235,9 @@ def test_a_torchvision_and_a_timm_model_go_through_the_whole_path(tmp_path, mode
     (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--num_classes", 7],
      "class folder 9 is outside the model's 7 classes"),
     (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--num_classes", 12],
-     "does not fit the SmallCNN model .*shape mismatches: linear.weight"),
+     "do not fit the SmallCNN model .*shape mismatches: linear.weight"),
     (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--model",
-      "preactresnet18"], "does not fit the \\w+ model .*missing keys"),
+      "preactresnet18"], "do not fit the \\w+ model .*missing keys"),
     (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--ratio", 0.5,
       "--trigger_patch", "BIG", "--target_label", 0], "does not fit the 28 x 28 images"),
     (["--model_file", "MODEL", "--result_file", "r", "--dataset", "fashion_mnist"],
@@ -365,6 +365,6 @@ def test_small_weights_naming_a_huge_model_are_refused_without_building_it():
                               text=True, timeout=600)
         lines = done.stdout.splitlines()
         assert done.returncode == 0 and (name == "smallcnn") == (len(lines) == 1), done.stderr
-        assert name == "smallcnn" or "does not fit the" in lines[0]
+        assert name == "smallcnn" or "do not fit the" in lines[0]
         peak[name] = int(lines[-1])
     assert max(peak["vit_h_14"], peak["regnet_y_128gf"]) < peak["smallcnn"] + 400

@@ -17,7 +17,8 @@ def test_no_flagged_neuron_is_reported_and_handled(tmp_path, action):
     assert summary["identification"]["outliers"] == []
     assert summary["no_flag_action"] == action
     sources = summary["config_sources"]  # beside the values, which stay as they were
-    assert sources["tau"] == "command line" and sources["alpha"] == "default"
+    assert sources["tau"] == "command line" and sources["relearn_momentum"] == "default"
+    assert sources["alpha"].endswith("fashion_mnist.yaml (picked for fashion_mnist/smallcnn)")
     assert summary["config"]["tau"] == 1e9 and set(sources) == set(summary["config"])
     assert "no neuron was flagged" in (out / "ulrl.log").read_text()
     flagged = [f["neuron"] for f in summary["flagged_neurons"]]

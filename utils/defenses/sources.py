@@ -240,7 +240,7 @@ def from_model_file(cfg, device, method: str) -> Source:
         num_classes = max(classes.values()) + 1
         log.info("%d classes, from the class folders of --clean_dir", num_classes)
     model = build_for_weights(cfg.model, num_classes, channels, height, weights,
-                              f"--model_file {shown(cfg.model_file, 200)}")
+                              f"the weights in --model_file {shown(cfg.model_file, 200)}")
     subset_index = select_subset(len(clean), cfg)
     test, test_set = _test_images(cfg, spec, size, num_classes, classes, clean, subset_index)
     require(cfg.target_label is None or cfg.target_label < num_classes,

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models import build_for_weights, input_channels, strip_module_prefix
+from models import RECORD_ADVICE, build_for_weights, input_channels, strip_module_prefix
 from utils.core.cli import progress, require
 from utils.core.errors import UserError
 from utils.data.images import ImageSet, Preprocess
@@ -48,7 +48,7 @@ def record_model(record, state_dict, spec, device) -> torch.nn.Module:
                                 "images have 1 or 3: the record's weights are damaged")
     model = build_for_weights(record.model_name, record.num_classes, channels,
                               spec.image_size[0], strip_module_prefix(state_dict),
-                              f"the weights of model '{record.model_name}'")
+                              "the record's weights", RECORD_ADVICE)
     return to_device(model, device)
 
 
