@@ -35,7 +35,7 @@ rm -rf "$out" && mkdir -p "$out"
 
 echo "== 1. a backdoored $model (BadNets, target 0)"
 python3 attack/badnet.py --yaml_path config/attack/badnet/fashion_mnist.yaml --model "$model" \
-  --train_size 20000 --epochs 4 --record_dir "$out/attacker" --save_folder_name badnet | tail -n 1
+  --train_size 20000 --epochs 4 --record_dir "$out/attacker" --save_folder_name badnet | grep "C-ACC"
 
 echo "== 2. what the defender holds: weights, PNG folders, the trigger"
 python3 - "$out" <<'EOF'

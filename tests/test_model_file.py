@@ -164,12 +164,12 @@ def test_record_free_run_writes_the_same_files_as_a_record_run(tmp_path):
     done = defend(tmp_path, "--model_file", smallcnn_file(tmp_path / "m.safetensors", "module."),
                   "--clean_dir", tmp_path / "clean", "--image_size", 28, "--mean", 0.5,
                   "--std", 0.5, "--defense_samples", 40, "--trigger_blend", tmp_path / "ramp.png",
-                  "--blend_alpha", 0.3, "--target_label", 3, *QUICK_ULRL)
+                  "--blend_alpha", 0.3, "--target_label", 3, *QUICK_ULRL[:-2])  # with plots
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out" / "ulrl"
     assert {p.name for p in out.iterdir()} == {"defense_result.pt", "index.txt", "summary.json",
                                               "ulrl.log", "ulrl_df.csv", "ulrl_df_summary.csv",
-                                              "ulrl_before_after.csv"}
+                                              "ulrl_before_after.csv", "neuron_changes.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["record"] is None and summary["model_file"].endswith("m.safetensors")
     assert summary["defense_samples"] == 40 and summary["dataset"] == "image folder"
@@ -182,7 +182,7 @@ def test_record_free_run_writes_the_same_files_as_a_record_run(tmp_path):
     assert set(summary["before"]) == {"test_acc", "test_asr", "test_ra"}
 
 
-def test_without_a_trigger_there_is_no_asr(tmp_path):
+def test_without_a_trigger_there_is_no_asr(tmp_path, capsys):
     images, labels = random_images(60)
     write_folder(tmp_path / "clean", images, labels)
     write_folder(tmp_path / "test", *random_images(30, seed=1))
@@ -194,6 +194,10 @@ def test_without_a_trigger_there_is_no_asr(tmp_path):
     summary = json.loads((tmp_path / "out" / "ft" / "summary.json").read_text())
     assert set(summary["before"]) == {"test_acc"} and summary["defense_samples"] == 60
     assert summary["test_set"].startswith("--test_dir") and "n/a" in done.stdout
+    from utils.analysis.report import main as report
+    assert report([str(tmp_path / "out" / "ft" / "summary.json")]) == 0  # one line, C-ACC only
+    line = capsys.readouterr().out
+    assert line.startswith("m.pt") and "C-ACC" in line and "ASR" not in line
 
 
 @pytest.mark.parametrize("model", ["resnet18", "timm/resnet18"])

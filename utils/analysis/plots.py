@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.analysis.report import find_summaries
+from utils.analysis.report import find_summaries, run_name
 from utils.core.cli import log, setup_console_logging
 from utils.core.io import write_bytes
 
@@ -138,7 +138,7 @@ def write_plots(folder, summary: dict | None = None) -> list[Path]:
     if plt is None:
         return []
     method = summary["method"]
-    title = f"{Path(summary['record']).name} / {method}"
+    title = f"{run_name(summary)} / {method}"
     written = []
     if "identification" in summary:
         written.append(neuron_chart(plt, summary["identification"],

@@ -64,12 +64,17 @@ def find_summaries(paths) -> list[Path]:
     return sorted(set(found))
 
 
+def run_name(summary: dict) -> str:
+    """The record's folder name, or the model file's name for a run without a record."""
+    return Path(summary.get("record") or summary.get("model_file") or "?").name
+
+
 def load_result(path: Path) -> Result:
     summary = json.loads(Path(path).read_text())
     record_folder = Path(path).parent.parent.parent  # record/<name>/defense/<method>/summary.json
     attack_file = record_folder / "attack_summary.json"
     attack = json.loads(attack_file.read_text()) if attack_file.is_file() else {}
-    record = Path(summary["record"]).name
+    record = run_name(summary)
     return Result(dataset=attack.get("dataset") or summary["dataset"],
                   model=attack.get("model") or summary.get("model", "?"),
                   attack=attack.get("attack") or record, record=record, method=summary["method"],
@@ -91,10 +96,10 @@ def der(before: dict, after: dict) -> float:
 
 def result_line(summary: dict) -> str:
     b, a = summary["before"], summary["after"]
-    line = (f"{Path(summary['record']).name:<32} {summary['method']:<6} "
-            f"C-ACC {100 * b['test_acc']:6.2f} -> {100 * a['test_acc']:6.2f}  "
-            f"ASR {100 * b['test_asr']:6.2f} -> {100 * a['test_asr']:6.2f}  "
-            f"RA {100 * b['test_ra']:6.2f} -> {100 * a['test_ra']:6.2f}  ")
+    line = f"{run_name(summary):<32} {summary['method']:<6} "
+    for key, name in (("test_acc", "C-ACC"), ("test_asr", "ASR"), ("test_ra", "RA")):
+        if key in b:  # a run without a trigger has C-ACC only
+            line += f"{name} {100 * b[key]:6.2f} -> {100 * a[key]:6.2f}  "
     if "flagged_neurons" in summary:
         line += f"flagged {[f['neuron'] for f in summary['flagged_neurons']]}  "
     if summary.get("retune"):
@@ -321,6 +326,13 @@ def main(argv=None) -> int:
         for r in results:
             print(result_line(r.summary))
         return 0
+    without_asr = [r for r in results if "test_asr" not in r.before]
+    for r in without_asr:
+        print(f"{r.record}/{r.method}: no ASR (a run without a trigger), left out of the tables",
+              file=sys.stderr)
+    results = [r for r in results if r not in without_asr]
+    if not results:
+        return 1
     earlier = earlier_rows(args.update) if args.update else []
     text, rows = build_tables(results, args.defenses, args.metrics, args.compact, earlier)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
