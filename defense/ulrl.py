@@ -32,7 +32,7 @@ from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
-from utils.training.train import cross_entropy, fit  # noqa: E402
+from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
@@ -213,6 +213,11 @@ def defend(run: DefenseSession) -> dict:
     w_pre = linear.weight.detach().clone()
     unlearning = run.timed("unlearning", unlearn, model, batches, cfg, run.log_epoch)
     w_post = linear.weight.detach().clone()
+    # For diagnosis: where the unlearned model sends the clean defense images (a "sink" class
+    # that collects them moves most, whether or not it is the backdoor's target).
+    sink = torch.bincount(predict(model, run.defense_data, run.preprocess,
+                                  eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
+                          minlength=linear.out_features).tolist()
     # Lines 9-17: score the neurons and flag the outliers.
     found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion,
                       cfg.flag_rule)
@@ -234,7 +239,8 @@ def defend(run: DefenseSession) -> dict:
     return {"flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
             "identification": found, "selection": cfg.selection,
             "no_flag_action": action if action != "reinitialize" else None,
-            "unlearning": unlearning, "relearning": relearning}
+            "unlearning": {**unlearning, "predictions_per_class": sink},
+            "relearning": relearning}
 
 
 purify = python_api(OPTIONS, defend, "ulrl")  # the Python API

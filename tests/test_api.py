@@ -63,6 +63,8 @@ def test_ulrl_report_holds_the_identification(tmp_path):
     assert [f["neuron"] for f in report["flagged_neurons"]] == found["flagged"] or \
         report["no_flag_action"] is not None
     assert [row["phase"] for row in report["epochs"]] == ["unlearning", "relearning"]
+    sink = report["unlearning"]["predictions_per_class"]  # the unlearned model's predictions
+    assert len(sink) == 10 and sum(sink) == report["defense_samples"]
 
 
 def test_a_dataset_of_pairs_is_accepted():
