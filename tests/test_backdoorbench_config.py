@@ -95,6 +95,8 @@ def test_aliases_empty_values_and_hints(tmp_path):
     path.write_text("relearn_alpah: 0.3\n")
     with pytest.raises(UserError, match="did you mean 'relearn_alpha'"):
         load_yaml(path, options)
+    path.write_text("num_workers: 2024-01-01\n")  # an ignored value stays what summary.json holds
+    assert load_yaml(path, options) == {"num_workers": "2024-01-01"}
 
 
 def test_every_key_of_the_public_yaml_is_known():

@@ -115,6 +115,21 @@ def test_a_forged_huge_image_is_refused_before_decoding(tmp_path):
         split.subset()
 
 
+def test_the_held_out_test_set_is_capped(tmp_path, monkeypatch):
+    """Without --test_dir, C-ACC uses the clean images outside the defense subset, at most
+    HELD_OUT_MAX of them (a seeded draw): a huge folder is not decoded whole."""
+    from types import SimpleNamespace
+    from utils.defenses import sources
+    monkeypatch.setattr(sources, "HELD_OUT_MAX", 5)
+    write_folder(tmp_path / "clean", *random_images(20))
+    clean = image_folder(tmp_path / "clean", (28, 28, 1), 10, "--clean_dir")
+    cfg = SimpleNamespace(test_dir=None, clean_dir="clean", seed=0)
+    test, what = sources._test_images(cfg, None, (28, 28, 1), 10, clean.classes, clean.split,
+                                      [0, 1, 2])
+    assert len(test) == 5 and what.startswith("5 of the --clean_dir images outside")
+    assert not set(test.index.tolist() if test.index is not None else []) & {0, 1, 2}
+
+
 # ---------------------------------------------------------------- weights files
 
 @pytest.mark.parametrize("suffix, prefix", [(".safetensors", ""), (".safetensors", "module."),

@@ -74,8 +74,13 @@ def _convert(kind: type, value):
 
 
 def _coerce(key: str, option: Option, value, source: str):
-    if value is None or option.ignored:
-        return value
+    if value is None:
+        return None
+    if option.ignored:  # kept as given, as summary.json can hold it (yaml also makes dates)
+        plain = (str, int, float, bool)
+        ok = isinstance(value, plain) or isinstance(value, list) and all(
+            isinstance(v, plain) for v in value)
+        return value if ok else shown(value, 200)
     kind = option.value_type
     try:
         if option.nargs:

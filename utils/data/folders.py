@@ -32,7 +32,7 @@ class ImageFolder:
 def class_index(names: list[str], num_classes: int | None, where: str) -> dict[str, int]:
     """Folder name -> class: integers as they are, other names in sorted order."""
     require(len(names) > 0, f"{where} has no class folders: lay it out as {where}/<class>/<image>")
-    if all(name.isdecimal() and len(name) < 10 for name in names):
+    if all(name.isascii() and name.isdigit() and len(name) < 10 for name in names):
         classes = {name: int(name) for name in names}
         require(len(set(classes.values())) == len(names),
                 f"{where}: folders {', '.join(names)} name the same class twice")
