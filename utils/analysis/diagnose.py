@@ -95,8 +95,9 @@ def explain(row: dict) -> str:
     if not flagged:
         parts.append(f"nothing is flagged (relearning: {row['no_flag_action'] or 'none'})")
     elif target in flagged:
-        parts.append(f"the target is flagged (with {[n for n in flagged if n != target]}), "
-                     "yet the backdoor survives relearning")
+        others = [n for n in flagged if n != target]
+        parts.append("the target is flagged" + (f" (with {others})" if others else " alone")
+                     + ", yet the backdoor survives relearning")
     else:
         parts.append(f"flagged {flagged}, not the target")
     if row["sink"] is not None:
