@@ -10,7 +10,7 @@ def make_run(root, record, tag, target, scores, flagged, asr_after, predictions,
     folder.mkdir(parents=True)
     (root / record / "attack_summary.json").write_text(
         json.dumps({"attack": record.split("_")[0], "config": {"attack_target": target}}))
-    ranking = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    ranking = sorted(range(len(scores)), key=lambda j: -abs(scores[j] - 1.0))  # as rule paper
     summary = {
         "method": "ulrl", "before": {"test_acc": 0.9, "test_asr": 0.99},
         "after": {"test_acc": 0.88, "test_asr": asr_after},
@@ -44,7 +44,8 @@ def test_the_table_lists_every_run_and_explains_only_failures(tmp_path):
     out = tmp_path / "diagnosis.md"
     main([str(tmp_path), "--out", str(out)])
     text = out.read_text()
-    assert "| badnet | code | 99.00 | 0.10 |" in text and "| blind | paper | 99.00 | 50.00 |" in text
+    assert "| badnet | ulrl | code | 99.00 | 0.10 |" in text
+    assert "| blind | ulrl_paper | paper | 99.00 | 50.00 |" in text
     assert "Failures (ASR after > 10 %): 1 of 2 runs." in text
-    assert "**blind, rule paper**" in text and "**badnet" not in text
+    assert "**blind, ulrl_paper (rule paper)**" in text and "**badnet" not in text
     assert "class 6 collects 80 %" in text and "the target is flagged" in text

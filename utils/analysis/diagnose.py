@@ -48,7 +48,8 @@ def diagnose_run(path: Path) -> dict:
     record = path.parent.parent.parent  # <record>/defense/<method>/summary.json
     ident = summary.get("identification", {})
     scores = ident.get("scores", [])
-    ranking = ident.get("ranking") or sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    # by score, not the summary's ranking: the paper rule ranks by |deviation| (low movers too)
+    ranking = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
     attack = attack_summary(record)
     target = target_of(attack, summary)
     unlearning, relearning = summary.get("unlearning", {}), summary.get("relearning", {})
@@ -117,14 +118,14 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def markdown(rows: list[dict], fail_asr: float) -> str:
-    header = ("| attack | rule | ASR before | ASR after | ΔC-ACC | flagged | target (rank) "
+    header = ("| attack | run | rule | ASR before | ASR after | ΔC-ACC | flagged | target (rank) "
               "| top-3 neurons (score) | median | threshold | unlearned predictions per class "
               "| final cosine | CA_min reached |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         top3 = ", ".join(f"{j} ({s:.3g})" for j, s in r["top3"])
         lines.append(
-            f"| {r['attack']} | {r['rule']} | {fmt(r['asr_before'])} | {fmt(r['asr_after'])} "
+            f"| {r['attack']} | {r['run']} | {r['rule']} | {fmt(r['asr_before'])} | {fmt(r['asr_after'])} "
             f"| {fmt(r['acc_change'], '+.2f')} | {r['flagged'] or 'none'} "
             f"| {r['target']} ({fmt(r['target_rank'], 'd')}) | {top3} | {fmt(r['median'], '.3g')} "
             f"| {fmt(r['threshold'], '.3g')} | {r['predictions'] or '-'} "
@@ -132,7 +133,7 @@ def markdown(rows: list[dict], fail_asr: float) -> str:
     failures = [r for r in rows if r["asr_after"] > fail_asr]
     lines += ["", f"Failures (ASR after > {fail_asr:g} %): {len(failures)} of {len(rows)} runs.", ""]
     for r in failures:
-        lines += [f"**{r['attack']}, rule {r['rule']}** (ASR {r['asr_before']:.2f} -> "
+        lines += [f"**{r['attack']}, {r['run']} (rule {r['rule']})** (ASR {r['asr_before']:.2f} -> "
                   f"{r['asr_after']:.2f} %): {explain(r)}", ""]
     return "\n".join(lines)
 
