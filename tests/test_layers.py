@@ -25,7 +25,8 @@ LAYERS = {
     "bench": 7,
 }
 # `python -m utils.report` and friends: documented commands that only run their analysis module.
-ENTRY_POINTS = {"utils.report", "utils.plots", "utils.per_class", "utils.sweep_tools"}
+ENTRY_POINTS = {"utils.report", "utils.plots", "utils.per_class", "utils.sweep_tools",
+                "utils.diagnose"}
 SOURCE_FOLDERS = ("utils", "models", "attack", "defense", "bench")
 
 
