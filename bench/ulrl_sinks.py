@@ -74,7 +74,7 @@ def main(argv=None):
     masked: list[int] = []
     for _ in range(args.rounds):
         s = session(masked)
-        linear = s.model.model.get_submodule(s.linear_name.removeprefix("model."))
+        linear = s.linear  # the wrapped model's classifier
         w_pre = linear.weight.detach().clone()
         unlearn(s.model, s.batches(), cfg)
         scores = (linear.weight.detach() - w_pre).abs().sum(1)
@@ -90,7 +90,7 @@ def main(argv=None):
     for text in args.reinit:
         neurons = [int(n) for n in text.split(",")]
         s = session()
-        linear = s.model.model.get_submodule(s.linear_name.removeprefix("model."))
+        linear = s.linear  # the wrapped model's classifier
         w_ori = linear.weight.detach()[neurons].clone()
         ulrl.reinitialize(linear, neurons, torch.Generator().manual_seed(0))
         ulrl.relearn(s.model, linear, s.batches(), neurons, w_ori, cfg)

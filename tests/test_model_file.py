@@ -259,11 +259,14 @@ def test_a_torchvision_and_a_timm_model_go_through_the_whole_path(tmp_path, mode
       "preactresnet18"], "do not fit the \\w+ model .*missing keys"),
     (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--ratio", 0.5,
       "--trigger_patch", "BIG", "--target_label", 0], "does not fit the 28 x 28 images"),
+    (["--model_file", "MODEL", "--clean_dir", "CLEAN", "--image_size", 28, "--ratio", 0.5,
+      "--trigger_patch", "BIG", "--trigger_pos", 1, 2, 3, "--target_label", 0],
+     "--trigger_pos takes two numbers"),
     (["--model_file", "MODEL", "--result_file", "r", "--dataset", "fashion_mnist"],
      "'model_file' and 'result_file' cannot be used together"),
     (["--result_file", "r", "--clean_dir", "CLEAN"], "--clean_dir is for runs on a --model_file"),
 ], ids=["size", "data", "target", "trigger", "no_test", "classes", "shapes", "architecture",
-        "patch_size", "both", "record"])
+        "patch_size", "pos", "both", "record"])
 def test_record_free_mistakes_are_one_line_and_leave_nothing(tmp_path, args, message):
     images, labels = random_images(20)
     write_folder(tmp_path / "clean", images, labels)

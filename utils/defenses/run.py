@@ -193,11 +193,6 @@ class DefenseRun(DefenseSession):
         cfg, t0 = self.cfg, time.perf_counter()
         log.info("%s on %s %s (device %s)", self.method.upper(),
                  "model file" if cfg.model_file else "record", self.input, self.device)
-        ignored = [k for k, option in BACKDOORBENCH_KEYS.items()
-                   if option.ignored and getattr(cfg, k) is not None]
-        if ignored:
-            log.info("ignored BackdoorBench settings that do not apply here: %s (see --help)",
-                     ", ".join(ignored))
         src = self.source = load_source(cfg, self.device, self.base_method)
         self.record, self.model, self.original = src.record, src.model, src.original
         if cfg.compile:

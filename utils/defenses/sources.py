@@ -167,6 +167,11 @@ def pick_yaml(cfg, method: str, dataset: str | None, model: str | None) -> None:
 
 
 def load_source(cfg, device, method: str) -> Source:
+    ignored = [k for k, option in BACKDOORBENCH_KEYS.items()
+               if option.ignored and getattr(cfg, k) is not None]
+    if ignored:
+        log.info("ignored BackdoorBench settings that do not apply here: %s (see --help)",
+                 ", ".join(ignored))
     if cfg.model_file:
         return from_model_file(cfg, device, method)
     # num_classes and target_label are checks in a record run (BackdoorBench's yamls carry them)
@@ -351,8 +356,8 @@ def _pasted(cfg, images: torch.Tensor) -> torch.Tensor:
     patch, alpha = load_image(cfg.trigger_patch, f"--trigger_patch {cfg.trigger_patch}")
     patch = fit_pattern(patch, images.shape[1], *patch.shape[1:])  # channels only
     (h, w), (height, width) = patch.shape[1:], images.shape[2:]
-    top, left = cfg.trigger_pos or (height - h, width - w)
     require(len(cfg.trigger_pos or ()) in (0, 2), "--trigger_pos takes two numbers: top left")
+    top, left = cfg.trigger_pos or (height - h, width - w)
     require(0 <= top and top + h <= height and 0 <= left and left + w <= width,
             f"the {h} x {w} --trigger_patch at top {top}, left {left} does not fit the "
             f"{height} x {width} images: move it (--trigger_pos) or make it smaller")
