@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
-from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
+from utils.training.train import accuracy, cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
@@ -62,6 +63,19 @@ OPTIONS = {
                           choices=("cosine", "inner", "none")),
     "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0",
                     aliases=("relearn_alpha",)),
+    # robust mode (not in the paper; see robust_defend)
+    "mode": Option("faithful", "'faithful': Algorithms 1-3 as published; 'robust': flag the "
+                   "classes unlearning collapses into (sink rounds) and choose alpha on a held-out "
+                   "part of the defense subset", choices=("faithful", "robust")),
+    "sink_rounds": Option(2, "robust mode: unlearning rounds, each masking the earlier rounds' "
+                          "sinks; every round's sink is flagged", bounds=">= 1"),
+    "holdout": Option(0.25, "robust mode: share of each class of the defense subset held out to "
+                      "choose alpha", bounds="(0, 0.5]"),
+    "alpha_grid": Option([0.1, 0.3, 1.0, 3.0], "robust mode: the alphas tried", nargs="+",
+                         bounds=">= 0"),
+    "heldout_tolerance": Option(0.02, "robust mode: the largest alpha whose held-out accuracy is "
+                                "at most this far below the original model's is chosen",
+                                bounds=">= 0"),
 }
 
 # x spread = the standard deviation of a normal distribution, so tau reads alike for every measure
@@ -206,6 +220,8 @@ def choose_neurons(found: dict, num_neurons: int, cfg) -> tuple[list[int], str]:
 def defend(run: DefenseSession) -> dict:
     """Algorithm 1 on the record's model: unlearn, score, revert, reinitialize, relearn."""
     cfg, model, linear = run.cfg, run.model, run.linear
+    if cfg.mode == "robust":
+        return robust_defend(run)
     require(cfg.selection != "random" or cfg.random_k <= linear.out_features,
             f"--random_k {cfg.random_k} exceeds the {linear.out_features} classifier neurons")
     batches = run.batches()
@@ -240,6 +256,139 @@ def defend(run: DefenseSession) -> dict:
             "identification": found, "selection": cfg.selection,
             "no_flag_action": action if action != "reinitialize" else None,
             "unlearning": {**unlearning, "predictions_per_class": sink},
+            "relearning": relearning}
+
+
+# ---------------------------------------------------------------- robust mode (not in the paper)
+# Why: unlearning drives the defense images into one "sink" class, and the sink's classifier row
+# moves most. On most records the sink is the backdoor's target, but a confusable clean class can
+# take its place (the small CNN's Blind and TrojanNN: class 6 takes all 600 images, the target
+# ranks 5th by weight change), and masking that sink makes the target the next one
+# (results/fashion_mnist_smallcnn/sinks.md). And a fixed alpha is too weak on some models
+# (results/fashion_mnist_preactresnet18_w16/). Robust mode reads only the defense subset.
+def masked_classes(linear: torch.nn.Module, classes: list[int]):
+    """Pin `classes`' logits at -1e4 (a forward hook on the classifier; .remove() undoes it), so
+    unlearning must collapse into another class."""
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[:, classes] = -1e4
+        return output
+    return linear.register_forward_hook(hook)
+
+
+def holdout_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) indices: a seeded `share` of every class (at least one image of a class
+    with two or more) is held out, so held-out accuracy weighs the classes as the subset does."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    held = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        take = min(max(round(share * len(members)), 1), len(members) - 1)
+        held.append(members[:take])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def find_sinks(run: DefenseSession, fit_data, rounds: int) -> list[dict]:
+    """Unlearn `rounds` times from the original weights, each time masking the earlier rounds'
+    sinks; a round's sink is the class that takes most of the unlearned model's predictions on
+    `fit_data` (ties: the lower index). Returns per round the sink, its share and the classifier
+    rows' weight-change scores."""
+    cfg, model, linear = run.cfg, run.model, run.linear
+    found: list[dict] = []
+    for r in range(rounds):
+        model.load_state_dict(run.original_state())
+        masked = [row["sink"] for row in found]
+        handle = masked_classes(linear, masked)
+        w_pre = linear.weight.detach().clone()
+        log_epoch = lambda phase, *rest: run.log_epoch(f"{phase}_round{r}", *rest)  # noqa: E731
+        unlearn(model, run.batches(data=fit_data), cfg, log_epoch)
+        counts = torch.bincount(predict(model, fit_data, run.preprocess,
+                                        eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
+                                minlength=linear.out_features)
+        handle.remove()
+        sink = int(counts.argmax())
+        scores = (linear.weight.detach().float() - w_pre.float()).abs().sum(1)
+        found.append({"round": r, "masked": masked, "sink": sink,
+                      "sink_share": counts[sink].item() / len(fit_data),
+                      "predictions_per_class": counts.tolist(),
+                      "scores": [round(v, 6) for v in scores.tolist()]})
+        log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
+                 counts[sink].item(), len(fit_data))
+    return found
+
+
+def with_alpha(cfg, alpha: float) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(cfg), "alpha": alpha})
+
+
+def choose_alpha(run: DefenseSession, fit_data, held_data, neurons: list[int]) -> dict:
+    """Relearn (Algorithm 3) on `fit_data` with every alpha of the grid and keep the largest whose
+    held-out accuracy is at most heldout_tolerance below the original model's: the penalty is what
+    pushes the flagged rows off the backdoor, so the strongest one that clean accuracy allows;
+    the best held-out accuracy when none is within it."""
+    cfg, model, linear = run.cfg, run.model, run.linear
+    batch = eval_batch_size(cfg.eval_batch_size, run.device)
+
+    def heldout_accuracy():
+        return accuracy(predict(model, held_data, run.preprocess, batch, cfg.amp), held_data.labels)
+
+    model.load_state_dict(run.original_state())
+    reference = heldout_accuracy()
+    tried = []
+    for alpha in sorted(set(cfg.alpha_grid)):
+        model.load_state_dict(run.original_state())
+        w_ori = linear.weight.detach()[neurons].clone()
+        reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+        relearned = relearn(model, linear, run.batches(data=fit_data), neurons, w_ori,
+                            with_alpha(cfg, alpha))
+        tried.append({"alpha": alpha, "heldout_acc": heldout_accuracy(),
+                      "final_cosine": relearned["final_cosine"]})
+        log.info("alpha %g: held-out accuracy %.4f (original %.4f), cosine %.3f", alpha,
+                 tried[-1]["heldout_acc"], reference, relearned["final_cosine"])
+    return {"reference_heldout_acc": reference, "tried": tried,
+            **pick_alpha(tried, reference, cfg.heldout_tolerance)}
+
+
+def pick_alpha(tried: list[dict], reference: float, tolerance: float) -> dict:
+    """The largest alpha of `tried` whose held-out accuracy is >= reference - tolerance, else the
+    one with the best held-out accuracy (the smaller alpha on a tie)."""
+    within = [t for t in tried if t["heldout_acc"] >= reference - tolerance]
+    if within:
+        return {"alpha": max(t["alpha"] for t in within), "within_tolerance": True}
+    best = max(tried, key=lambda t: (t["heldout_acc"], -t["alpha"]))
+    return {"alpha": best["alpha"], "within_tolerance": False}
+
+
+def robust_defend(run: DefenseSession) -> dict:
+    """Robust ULRL: sink rounds on the fit part flag the neurons; alpha is chosen on the held-out
+    part; then Algorithm 3 on the whole defense subset with that alpha."""
+    cfg, model, linear = run.cfg, run.model, run.linear
+    data = run.defense_data
+    require(len(data.labels.unique()) >= 2 and len(data) >= 4,
+            f"robust mode holds out part of every class: the {len(data)} defense images need "
+            "two or more classes (raise --ratio or --defense_samples)")
+    fit_idx, held_idx = holdout_split(data.labels, cfg.holdout, cfg.seed)
+    fit_data, held_data = data.subset(fit_idx), data.subset(held_idx)
+    rounds = run.timed("unlearning", find_sinks, run, fit_data, cfg.sink_rounds)
+    neurons = sorted({row["sink"] for row in rounds})
+    log.info("robust mode: flagged the sinks %s", neurons)
+    choice = run.timed("alpha_choice", choose_alpha, run, fit_data, held_data, neurons)
+    log.info("robust mode: alpha %g chosen on %d held-out images", choice["alpha"], len(held_data))
+    model.load_state_dict(run.original_state())
+    w_ori = linear.weight.detach()[neurons].clone()
+    reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+    relearning = run.timed("relearning", relearn, model, linear, run.batches(), neurons, w_ori,
+                           with_alpha(cfg, choice["alpha"]), run.log_epoch)
+    scores = rounds[0]["scores"]
+    return {"flagged_neurons": [{"neuron": j, "score": scores[j]} for j in neurons],
+            "mode": "robust", "sink_rounds": rounds, "alpha_choice": choice,
+            "fit_samples": len(fit_data), "heldout_samples": len(held_data),
+            "unlearning": {"predictions_per_class": rounds[0]["predictions_per_class"]},
             "relearning": relearning}
 
 
