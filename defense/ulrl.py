@@ -306,14 +306,14 @@ def find_sinks(run: DefenseSession, fit_data, rounds: int) -> list[dict]:
         handle = masked_classes(linear, masked)
         w_pre = linear.weight.detach().clone()
         log_epoch = lambda phase, *rest: run.log_epoch(f"{phase}_round{r}", *rest)  # noqa: E731
-        unlearn(model, run.batches(data=fit_data), cfg, log_epoch)
+        unlearned = unlearn(model, run.batches(data=fit_data), cfg, log_epoch)
         counts = torch.bincount(predict(model, fit_data, run.preprocess,
                                         eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
                                 minlength=linear.out_features)
         handle.remove()
         sink = int(counts.argmax())
         scores = (linear.weight.detach().float() - w_pre.float()).abs().sum(1)
-        found.append({"round": r, "masked": masked, "sink": sink,
+        found.append({"round": r, "masked": masked, "sink": sink, "unlearning": unlearned,
                       "sink_share": counts[sink].item() / len(fit_data),
                       "predictions_per_class": counts.tolist(),
                       "scores": [round(v, 6) for v in scores.tolist()]})
@@ -384,11 +384,13 @@ def robust_defend(run: DefenseSession) -> dict:
     reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
     relearning = run.timed("relearning", relearn, model, linear, run.batches(), neurons, w_ori,
                            with_alpha(cfg, choice["alpha"]), run.log_epoch)
-    scores = rounds[0]["scores"]
-    return {"flagged_neurons": [{"neuron": j, "score": scores[j]} for j in neurons],
-            "mode": "robust", "sink_rounds": rounds, "alpha_choice": choice,
+    first = rounds[0]  # the unmasked round: what faithful ULRL would have scored and seen
+    return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
+            "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"]},
+            "sink_rounds": rounds, "alpha_choice": choice,
             "fit_samples": len(fit_data), "heldout_samples": len(held_data),
-            "unlearning": {"predictions_per_class": rounds[0]["predictions_per_class"]},
+            "unlearning": {**first["unlearning"],
+                           "predictions_per_class": first["predictions_per_class"]},
             "relearning": relearning}
 
 

@@ -75,6 +75,9 @@ def diagnose_run(path: Path) -> dict:
         "sink": sink,
         "sink_share": 100 * predictions[sink] / sum(predictions) if predictions else None,
         "final_cosine": relearning.get("final_cosine"),
+        "alpha": summary.get("alpha_choice", {}).get("alpha",
+                                                     summary.get("config", {}).get("alpha")),
+        "alpha_chosen": "alpha_choice" in summary,
         "reached_ca_min": unlearning.get("reached_threshold"),
         "unlearning_epochs": unlearning.get("epochs"),
     }
@@ -109,7 +112,10 @@ def explain(row: dict) -> str:
         parts.append(f"unlearning stopped after {row['unlearning_epochs']} epochs without "
                      "reaching CA_min")
     if row["final_cosine"] is not None and flagged:
-        parts.append(f"the flagged rows end at cosine {row['final_cosine']:.2f} to their originals")
+        parts.append(f"the flagged rows end at cosine {row['final_cosine']:.2f} to their originals"
+                     + (f" (alpha {row['alpha']:g}" + (", chosen on the held-out part)"
+                                                       if row["alpha_chosen"] else ")")
+                        if row["alpha"] is not None else ""))
     return "; ".join(parts) + "."
 
 
