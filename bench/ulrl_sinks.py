@@ -4,8 +4,8 @@
 
 Unlearning (Algorithm 2, the record data set's yaml settings, 1 % defense subset with seed 0)
 drives every defense image into one class, the sink, whose classifier row then moves most. Round r
-masks the sinks of rounds 0..r-1 (their logits set to -1e4) and unlearns again from the record's
-weights, printing the next sink and the top scores. --reinit runs Algorithm 3 (reinitialize the
+masks the sinks of rounds 0..r-1 (their logits pinned at -1e4, as `ulrl --mode robust` does) and
+unlearns again from the record's weights, printing the next sink and the top scores. --reinit runs Algorithm 3 (reinitialize the
 listed neurons, relearn with the cosine penalty) and prints C-ACC, ASR and RA on the record's test
 sets. Defaults: Fashion-MNIST's yaml (relearn_lr 0.01, alpha 0.1; --relearn_lr, --alpha). Measured on this project's
 small-CNN Blind and TrojanNN records, where ULRL fails, in the issue 16 note.
@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,21 +29,6 @@ from utils.data.record import load_attack_record  # noqa: E402
 from utils.defenses.session import RECORD_OPTIONS, ModelSession  # noqa: E402
 from utils.defenses.unlearning import unlearn  # noqa: E402
 from utils.training.train import backdoor_metrics, predict  # noqa: E402
-
-
-class MaskedLogits(nn.Module):
-    """The model with some classes' logits pushed to -1e4: unlearning cannot collapse into them."""
-
-    def __init__(self, model: nn.Module, masked: list[int]):
-        super().__init__()
-        self.model, self.masked = model, list(masked)
-
-    def forward(self, x):
-        out = self.model(x)
-        if self.masked:
-            out = out.clone()
-            out[:, self.masked] = -1e4
-        return out
 
 
 def main(argv=None):
@@ -65,21 +49,23 @@ def main(argv=None):
                       "bench/ulrl_sinks.py")
     channels = input_channels(record.state_dict)
 
-    def session(masked=()) -> ModelSession:
+    def session() -> ModelSession:
         model = build_model(record.model_name, record.num_classes, channels, spec.image_size[0])
         model.load_state_dict(record.state_dict)
-        return ModelSession(cfg, MaskedLogits(model, masked), data.with_channels(channels),
-                            spec.mean, spec.std, spec.hflip)
+        return ModelSession(cfg, model, data.with_channels(channels), spec.mean, spec.std,
+                            spec.hflip)
 
     masked: list[int] = []
     for _ in range(args.rounds):
-        s = session(masked)
-        linear = s.linear  # the wrapped model's classifier
+        s = session()
+        linear = s.linear
+        handle = ulrl.masked_classes(linear, masked)  # unlearning cannot collapse into these
         w_pre = linear.weight.detach().clone()
         unlearn(s.model, s.batches(), cfg)
         scores = (linear.weight.detach() - w_pre).abs().sum(1)
         counts = torch.bincount(predict(s.model, s.defense_data, s.preprocess),
                                 minlength=record.num_classes)
+        handle.remove()
         sink = int(counts.argmax())
         top = [(int(j), round(float(scores[j]), 2)) for j in scores.argsort(descending=True)[:3]]
         print(f"masked {masked}: sink {sink} ({int(counts[sink])}/{len(data)}), top scores {top}")
@@ -90,7 +76,7 @@ def main(argv=None):
     for text in args.reinit:
         neurons = [int(n) for n in text.split(",")]
         s = session()
-        linear = s.linear  # the wrapped model's classifier
+        linear = s.linear
         w_ori = linear.weight.detach()[neurons].clone()
         ulrl.reinitialize(linear, neurons, torch.Generator().manual_seed(0))
         ulrl.relearn(s.model, linear, s.batches(), neurons, w_ori, cfg)
