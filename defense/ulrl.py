@@ -386,7 +386,8 @@ def robust_defend(run: DefenseSession) -> dict:
                            with_alpha(cfg, choice["alpha"]), run.log_epoch)
     first = rounds[0]  # the unmasked round: what faithful ULRL would have scored and seen
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
-            "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"]},
+            "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"],
+                                                "flagged": neurons},
             "sink_rounds": rounds, "alpha_choice": choice,
             "fit_samples": len(fit_data), "heldout_samples": len(held_data),
             "unlearning": {**first["unlearning"],

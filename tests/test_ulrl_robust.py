@@ -62,6 +62,7 @@ def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
     header, *rows = (tmp_path / "r/defense/ulrl/ulrl_df.csv").read_text().splitlines()
     phases = {row.split(",")[header.split(",").index("phase")] for row in rows}
     assert phases == {"unlearning_round0", "unlearning_round1", "relearning"}
+    assert (tmp_path / "r/defense/ulrl/neuron_changes.png").is_file()  # round 0's scores, sinks red
 
 
 def test_robust_purify_needs_no_test_set_and_is_deterministic():

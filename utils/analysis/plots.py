@@ -53,16 +53,17 @@ def _save(plt, fig, path: Path) -> Path:
 def neuron_chart(plt, found: dict, title: str, path: Path) -> Path:
     """Bars of the per-neuron weight change; flagged neurons red, outliers over the ht cap orange."""
     scores, flagged = found["scores"], set(found["flagged"])
-    outliers = set(found["outliers"])
+    outliers = set(found.get("outliers", []))  # robust mode flags sinks: no threshold
     colors = ["tab:red" if j in flagged else "tab:orange" if j in outliers else "tab:gray"
               for j in range(len(scores))]
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.35 * len(scores), 16.0)), 4.0))
     ax.bar(range(len(scores)), scores, color=colors)
-    ax.axhline(found["median"], color="black", linestyle="--", linewidth=1,
-               label=f"median {found['median']:.3g}")
-    scale = found.get("dispersion", "mad").upper()
-    ax.axhline(found["threshold"], color="tab:red", linestyle=":", linewidth=1.5,
-               label=f"threshold {found['threshold']:.3g} ({scale})")
+    if "threshold" in found:
+        ax.axhline(found["median"], color="black", linestyle="--", linewidth=1,
+                   label=f"median {found['median']:.3g}")
+        scale = found.get("dispersion", "mad").upper()
+        ax.axhline(found["threshold"], color="tab:red", linestyle=":", linewidth=1.5,
+                   label=f"threshold {found['threshold']:.3g} ({scale})")
     for j in sorted(flagged):
         ax.annotate(f"{j}: {scores[j]:.3g}", (j, scores[j]), ha="center", va="bottom", fontsize=8)
     if len(scores) <= 20:
@@ -70,7 +71,8 @@ def neuron_chart(plt, found: dict, title: str, path: Path) -> Path:
     ax.set_xlabel("classifier neuron (class)")
     ax.set_ylabel("sum |w_post - w_pre|")
     ax.set_title(title, fontsize=10)
-    ax.legend(title=f"flagged {sorted(flagged)}", fontsize=8)
+    ax.legend(handles=ax.get_legend_handles_labels()[0], title=f"flagged {sorted(flagged)}",
+              fontsize=8)
     fig.tight_layout()
     return _save(plt, fig, path)
 
