@@ -33,7 +33,7 @@ from utils.core.config import Option, parse_config  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
-from utils.training.train import accuracy, cross_entropy, eval_batch_size, fit, predict  # noqa: E402
+from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
 OPTIONS = {
     **DEFENSE_OPTIONS,
@@ -65,17 +65,17 @@ OPTIONS = {
                     aliases=("relearn_alpha",)),
     # robust mode (not in the paper; see robust_defend)
     "mode": Option("faithful", "'faithful': Algorithms 1-3 as published; 'robust': flag the "
-                   "classes unlearning collapses into (sink rounds) and choose alpha on a held-out "
-                   "part of the defense subset", choices=("faithful", "robust")),
+                   "classes unlearning collapses into (sink rounds) and choose alpha by "
+                   "cross-validation on the defense subset", choices=("faithful", "robust")),
     "sink_rounds": Option(2, "robust mode: unlearning rounds, each masking the earlier rounds' "
                           "sinks; every round's sink is flagged", bounds=">= 1"),
-    "holdout": Option(0.25, "robust mode: share of each class of the defense subset held out to "
-                      "choose alpha", bounds="(0, 0.5]"),
-    "alpha_grid": Option([0.1, 0.3, 1.0, 3.0], "robust mode: the alphas tried", nargs="+",
-                         bounds=">= 0"),
-    "heldout_tolerance": Option(0.02, "robust mode: the largest alpha whose held-out accuracy is "
-                                "at most this far below the original model's is chosen",
-                                bounds=">= 0"),
+    "folds": Option(4, "robust mode: class-stratified folds of the defense subset for choosing "
+                    "alpha (each image is held out once)", bounds=">= 2"),
+    "alpha_grid": Option([0.1, 0.2, 0.3, 0.5, 1.0], "robust mode: the alphas tried, smallest "
+                         "first", nargs="+", bounds=">= 0"),
+    "heldout_tolerance": Option(0.02, "robust mode: the grid is walked up while the held-out "
+                                "accuracy stays at most this far below the best so far; the "
+                                "last alpha within it is chosen", bounds=">= 0"),
 }
 
 # x spread = the standard deviation of a normal distribution, so tau reads alike for every measure
@@ -276,29 +276,25 @@ def masked_classes(linear: torch.nn.Module, classes: list[int]):
     return linear.register_forward_hook(hook)
 
 
-def holdout_split(labels: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, held-out) indices: a seeded `share` of every class (at least one image of a class
-    with two or more) is held out, so held-out accuracy weighs the classes as the subset does."""
+def class_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The fold (0..k-1) of every image: each class is shuffled with a seeded generator and dealt
+    round-robin, so every fold holds about 1/k of each class."""
     generator = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
-    held = []
+    fold = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        take = min(max(round(share * len(members)), 1), len(members) - 1)
-        held.append(members[:take])
-    held = torch.cat(held).sort().values
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[held] = False
-    return keep.nonzero().flatten(), held
+        fold[members[torch.randperm(len(members), generator=generator)]] = \
+            torch.arange(len(members)) % k
+    return fold
 
 
-def find_sinks(run: DefenseSession, fit_data, rounds: int) -> list[dict]:
-    """Unlearn `rounds` times from the original weights, each time masking the earlier rounds'
-    sinks; a round's sink is the class that takes most of the unlearned model's predictions on
-    `fit_data` (ties: the lower index). Returns per round the sink, its share and the classifier
-    rows' weight-change scores."""
-    cfg, model, linear = run.cfg, run.model, run.linear
+def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
+    """Unlearn `rounds` times from the original weights on the defense subset, each time masking
+    the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
+    model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
+    unlearning. Returns per round the sink, its share and the rows' weight-change scores."""
+    cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     found: list[dict] = []
     for r in range(rounds):
         model.load_state_dict(run.original_state())
@@ -306,19 +302,19 @@ def find_sinks(run: DefenseSession, fit_data, rounds: int) -> list[dict]:
         handle = masked_classes(linear, masked)
         w_pre = linear.weight.detach().clone()
         log_epoch = lambda phase, *rest: run.log_epoch(f"{phase}_round{r}", *rest)  # noqa: E731
-        unlearned = unlearn(model, run.batches(data=fit_data), cfg, log_epoch)
-        counts = torch.bincount(predict(model, fit_data, run.preprocess,
+        unlearned = unlearn(model, run.batches(), cfg, log_epoch)
+        counts = torch.bincount(predict(model, data, run.preprocess,
                                         eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
                                 minlength=linear.out_features)
         handle.remove()
         sink = int(counts.argmax())
         scores = (linear.weight.detach().float() - w_pre.float()).abs().sum(1)
         found.append({"round": r, "masked": masked, "sink": sink, "unlearning": unlearned,
-                      "sink_share": counts[sink].item() / len(fit_data),
+                      "sink_share": counts[sink].item() / len(data),
                       "predictions_per_class": counts.tolist(),
                       "scores": [round(v, 6) for v in scores.tolist()]})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
-                 counts[sink].item(), len(fit_data))
+                 counts[sink].item(), len(data))
     return found
 
 
@@ -326,70 +322,70 @@ def with_alpha(cfg, alpha: float) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(cfg), "alpha": alpha})
 
 
-def choose_alpha(run: DefenseSession, fit_data, held_data, neurons: list[int]) -> dict:
-    """Relearn (Algorithm 3) on `fit_data` with every alpha of the grid and keep the largest whose
-    held-out accuracy is at most heldout_tolerance below the original model's: the penalty is what
-    pushes the flagged rows off the backdoor, so the strongest one that clean accuracy allows;
-    the best held-out accuracy when none is within it."""
-    cfg, model, linear = run.cfg, run.model, run.linear
+def choose_alpha(run: DefenseSession, neurons: list[int]) -> dict:
+    """Cross-validated relearning strength: for each alpha of the grid, smallest first, Algorithm
+    3 is run `folds` times, each on all folds but one, and scored on the one left out (so every
+    defense image is held out once). The penalty is what pushes the flagged rows off the backdoor
+    (ASR falls as alpha grows, clean accuracy too), so the walk goes up the grid while the
+    cross-validated accuracy stays within heldout_tolerance of the best so far, and keeps the
+    last alpha within it."""
+    cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     batch = eval_batch_size(cfg.eval_batch_size, run.device)
-
-    def heldout_accuracy():
-        return accuracy(predict(model, held_data, run.preprocess, batch, cfg.amp), held_data.labels)
-
-    model.load_state_dict(run.original_state())
-    reference = heldout_accuracy()
-    tried = []
+    fold = class_folds(data.labels, cfg.folds, cfg.seed).to(data.labels.device)
+    tried: list[dict] = []
     for alpha in sorted(set(cfg.alpha_grid)):
-        model.load_state_dict(run.original_state())
-        w_ori = linear.weight.detach()[neurons].clone()
-        reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-        relearned = relearn(model, linear, run.batches(data=fit_data), neurons, w_ori,
-                            with_alpha(cfg, alpha))
-        tried.append({"alpha": alpha, "heldout_acc": heldout_accuracy(),
-                      "final_cosine": relearned["final_cosine"]})
-        log.info("alpha %g: held-out accuracy %.4f (original %.4f), cosine %.3f", alpha,
-                 tried[-1]["heldout_acc"], reference, relearned["final_cosine"])
-    return {"reference_heldout_acc": reference, "tried": tried,
-            **pick_alpha(tried, reference, cfg.heldout_tolerance)}
+        correct = 0
+        for k in range(cfg.folds):
+            model.load_state_dict(run.original_state())
+            w_ori = linear.weight.detach()[neurons].clone()
+            reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+            relearn(model, linear, run.batches(data=data.subset(fold != k)), neurons, w_ori,
+                    with_alpha(cfg, alpha))
+            held = data.subset(fold == k)
+            correct += (predict(model, held, run.preprocess, batch, cfg.amp)
+                        == held.labels).sum().item()
+        tried.append({"alpha": alpha, "cv_acc": correct / len(data)})
+        log.info("alpha %g: cross-validated accuracy %.4f", alpha, tried[-1]["cv_acc"])
+        best = max(t["cv_acc"] for t in tried)
+        if tried[-1]["cv_acc"] < best - cfg.heldout_tolerance:
+            break
+    return {"tried": tried, "folds": cfg.folds, **pick_alpha(tried, cfg.heldout_tolerance)}
 
 
-def pick_alpha(tried: list[dict], reference: float, tolerance: float) -> dict:
-    """The largest alpha of `tried` whose held-out accuracy is >= reference - tolerance, else the
-    one with the best held-out accuracy (the smaller alpha on a tie)."""
-    within = [t for t in tried if t["heldout_acc"] >= reference - tolerance]
-    if within:
-        return {"alpha": max(t["alpha"] for t in within), "within_tolerance": True}
-    best = max(tried, key=lambda t: (t["heldout_acc"], -t["alpha"]))
-    return {"alpha": best["alpha"], "within_tolerance": False}
+def pick_alpha(tried: list[dict], tolerance: float) -> dict:
+    """The largest alpha of the walk (`tried`, ascending) before the first whose accuracy falls
+    more than `tolerance` below the best up to it."""
+    chosen = tried[0]["alpha"]
+    for i, t in enumerate(tried):
+        if t["cv_acc"] < max(u["cv_acc"] for u in tried[:i + 1]) - tolerance:
+            break
+        chosen = t["alpha"]
+    return {"alpha": chosen}
 
 
 def robust_defend(run: DefenseSession) -> dict:
-    """Robust ULRL: sink rounds on the fit part flag the neurons; alpha is chosen on the held-out
-    part; then Algorithm 3 on the whole defense subset with that alpha."""
+    """Robust ULRL: sink rounds flag the neurons, cross-validation on the defense subset chooses
+    alpha, then Algorithm 3 on the whole subset with that alpha."""
     cfg, model, linear = run.cfg, run.model, run.linear
-    data = run.defense_data
-    require(len(data.labels.unique()) >= 2 and len(data) >= 4,
-            f"robust mode holds out part of every class: the {len(data)} defense images need "
-            "two or more classes (raise --ratio or --defense_samples)")
-    fit_idx, held_idx = holdout_split(data.labels, cfg.holdout, cfg.seed)
-    fit_data, held_data = data.subset(fit_idx), data.subset(held_idx)
-    rounds = run.timed("unlearning", find_sinks, run, fit_data, cfg.sink_rounds)
+    require(len(run.defense_data) >= 2 * cfg.folds,
+            f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
+            "defense images are too few (raise --ratio or --defense_samples, or lower --folds)")
+    rounds = run.timed("unlearning", find_sinks, run, cfg.sink_rounds)
     neurons = sorted({row["sink"] for row in rounds})
     log.info("robust mode: flagged the sinks %s", neurons)
-    choice = run.timed("alpha_choice", choose_alpha, run, fit_data, held_data, neurons)
-    log.info("robust mode: alpha %g chosen on %d held-out images", choice["alpha"], len(held_data))
+    choice = run.timed("alpha_choice", choose_alpha, run, neurons)
+    log.info("robust mode: alpha %g chosen by %d-fold cross-validation", choice["alpha"],
+             cfg.folds)
     model.load_state_dict(run.original_state())
     w_ori = linear.weight.detach()[neurons].clone()
     reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
     relearning = run.timed("relearning", relearn, model, linear, run.batches(), neurons, w_ori,
                            with_alpha(cfg, choice["alpha"]), run.log_epoch)
-    first = rounds[0]  # the unmasked round: what faithful ULRL would have scored and seen
+    first = rounds[0]  # the unmasked round: faithful ULRL's unlearning
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
             "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"],
                                                 "flagged": neurons},
             "sink_rounds": rounds, "alpha_choice": choice,
-            "fit_samples": len(fit_data), "heldout_samples": len(held_data),
             "unlearning": {**first["unlearning"],
                            "predictions_per_class": first["predictions_per_class"]},
             "relearning": relearning}

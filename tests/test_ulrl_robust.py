@@ -1,5 +1,5 @@
-"""ULRL's robust mode: held-out split, masked sinks, the alpha rule, and a run that reads nothing
-but the defense subset."""
+"""ULRL's robust mode: folds, masked sinks, the alpha walk, and a run that reads nothing but the
+defense subset."""
 import json
 
 import pytest
@@ -9,14 +9,13 @@ from defense import ulrl
 from tests.helpers import tiny_record
 
 
-def test_holdout_split_is_stratified_disjoint_and_seeded():
-    labels = torch.tensor([0] * 40 + [1] * 20 + [2] * 3 + [3])
-    fit, held = ulrl.holdout_split(labels, 0.25, seed=0)
-    assert sorted(torch.cat([fit, held]).tolist()) == list(range(len(labels)))
-    assert torch.bincount(labels[held], minlength=4).tolist() == [10, 5, 1, 0]  # a lone image fits
-    again_fit, again_held = ulrl.holdout_split(labels, 0.25, seed=0)
-    assert torch.equal(held, again_held) and torch.equal(fit, again_fit)
-    assert not torch.equal(ulrl.holdout_split(labels, 0.25, seed=1)[1], held)
+def test_class_folds_deal_every_class_evenly_and_are_seeded():
+    labels = torch.tensor([0] * 40 + [1] * 21 + [2] * 3)
+    fold = ulrl.class_folds(labels, 4, seed=0)
+    for c, per_fold in ((0, [10] * 4), (1, [6, 5, 5, 5]), (2, [1, 1, 1, 0])):
+        assert torch.bincount(fold[labels == c], minlength=4).tolist() == per_fold
+    assert torch.equal(ulrl.class_folds(labels, 4, seed=0), fold)
+    assert not torch.equal(ulrl.class_folds(labels, 4, seed=1), fold)
 
 
 def test_masked_classes_pins_logits_until_removed():
@@ -31,18 +30,19 @@ def test_masked_classes_pins_logits_until_removed():
     assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize("accs, expected, within", [
-    ([0.80, 0.79, 0.77, 0.79], 3.0, True),   # the largest within 2 points of 0.80, skipping one
-    ([0.80, 0.81, 0.79, 0.78], 3.0, True),   # 0.78 is exactly 2 points below: still within
-    ([0.70, 0.74, 0.74, 0.60], 0.3, False),  # none within: the best, the smaller alpha on a tie
+@pytest.mark.parametrize("accs, expected", [
+    ([0.84, 0.82, 0.80, 0.79], 0.2),  # 0.80 is 4 points below the best (0.84): the walk ends
+    ([0.80, 0.81, 0.80, 0.79], 1.0),  # within 2 points of the best so far all the way
+    ([0.80, 0.77, 0.85, 0.85], 0.1),  # the first alpha out of tolerance ends the walk
+    ([0.78, 0.80, 0.83, 0.80], 0.5),  # the best may rise; 0.80 is 3 below 0.83
 ])
-def test_pick_alpha_keeps_the_strongest_within_tolerance(accs, expected, within):
-    tried = [{"alpha": a, "heldout_acc": acc} for a, acc in zip([0.1, 0.3, 1.0, 3.0], accs)]
-    assert ulrl.pick_alpha(tried, 0.80, 0.02 + 1e-9) == {"alpha": expected,
-                                                          "within_tolerance": within}
+def test_pick_alpha_walks_up_the_grid_while_within_tolerance(accs, expected):
+    tried = [{"alpha": a, "cv_acc": acc} for a, acc in zip([0.1, 0.2, 0.5, 1.0], accs)]
+    assert ulrl.pick_alpha(tried, 0.02 + 1e-9) == {"alpha": expected}
 
 
-SHORT = ["--unlearning_epochs", "2", "--relearn_epochs", "1", "--alpha_grid", "0.1", "1"]
+SHORT = ["--unlearning_epochs", "2", "--relearn_epochs", "1", "--alpha_grid", "0.1", "1",
+         "--folds", "2", "--heldout_tolerance", "1"]
 
 
 def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
@@ -55,10 +55,10 @@ def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
     assert rounds[1]["sink"] != rounds[0]["sink"]
     assert rounds[1]["predictions_per_class"][rounds[0]["sink"]] == 0  # masked: never predicted
     assert [f["neuron"] for f in summary["flagged_neurons"]] == sorted(r["sink"] for r in rounds)
-    assert summary["fit_samples"] == 450 and summary["heldout_samples"] == 150
-    choice = summary["alpha_choice"]
-    assert [t["alpha"] for t in choice["tried"]] == [0.1, 1.0]
-    assert choice["alpha"] in (0.1, 1.0) and summary["relearning"]["epochs"] == 1
+    choice = summary["alpha_choice"]  # tolerance 1: the walk covers the grid, keeps the last
+    assert [t["alpha"] for t in choice["tried"]] == [0.1, 1.0] and choice["folds"] == 2
+    assert choice["alpha"] == 1.0 and summary["relearning"]["epochs"] == 1
+    assert summary["identification"]["scores"] == rounds[0]["scores"]
     header, *rows = (tmp_path / "r/defense/ulrl/ulrl_df.csv").read_text().splitlines()
     phases = {row.split(",")[header.split(",").index("phase")] for row in rows}
     assert phases == {"unlearning_round0", "unlearning_round1", "relearning"}
@@ -74,9 +74,10 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(60) % 3
     runs = [ulrl.purify(model, images, labels, mode="robust", device="cpu", unlearning_epochs=2,
-                        relearn_epochs=1, alpha_grid=[0.1, 1.0], batch_size=16) for _ in range(2)]
+                        relearn_epochs=1, alpha_grid=[0.1, 1.0], folds=3, batch_size=16)
+            for _ in range(2)]
     (first, report), (second, again) = runs
     assert report["alpha_choice"] == again["alpha_choice"] and "before" not in report
-    assert report["heldout_samples"] == 15 and len(report["flagged_neurons"]) == 2
+    assert report["alpha_choice"]["folds"] == 3 and len(report["flagged_neurons"]) == 2
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
