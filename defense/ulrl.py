@@ -197,6 +197,15 @@ def relearn(model, linear, batches, neurons: list[int], w_ori: torch.Tensor, cfg
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
+def reinitialize_and_relearn(model, linear, batches, neurons: list[int], cfg,
+                             log_epoch: Callable | None = None) -> dict:
+    """Algorithm 3 from the model's current weights: reinitialize the flagged rows (seeded by
+    cfg.seed), then relearn them away from the rows they had."""
+    w_ori = linear.weight.detach()[neurons].clone()
+    reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
+    return relearn(model, linear, batches, neurons, w_ori, cfg, log_epoch)
+
+
 # ---------------------------------------------------------------- Algorithm 1
 def choose_neurons(found: dict, num_neurons: int, cfg) -> tuple[list[int], str]:
     """The neurons to reinitialize and what to do with them: 'reinitialize', or with none flagged
@@ -248,10 +257,8 @@ def defend(run: DefenseSession) -> dict:
     relearning = {"epochs": 0}
     if action != "stop":
         # Algorithm 3: reinitialize the flagged neurons, then relearn.
-        w_ori = linear.weight.detach()[neurons].clone()
-        reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-        relearning = run.timed("relearning", relearn, model, linear, batches, neurons, w_ori, cfg,
-                               run.log_epoch)
+        relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, batches,
+                               neurons, cfg, run.log_epoch)
     return {"flagged_neurons": [{"neuron": j, "score": found["scores"][j]} for j in neurons],
             "identification": found, "selection": cfg.selection,
             "no_flag_action": action if action != "reinitialize" else None,
@@ -337,10 +344,8 @@ def choose_alpha(run: DefenseSession, neurons: list[int]) -> dict:
         correct = 0
         for k in range(cfg.folds):
             model.load_state_dict(run.original_state())
-            w_ori = linear.weight.detach()[neurons].clone()
-            reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-            relearn(model, linear, run.batches(data=data.subset(fold != k)), neurons, w_ori,
-                    with_alpha(cfg, alpha))
+            reinitialize_and_relearn(model, linear, run.batches(data=data.subset(fold != k)),
+                                     neurons, with_alpha(cfg, alpha))
             held = data.subset(fold == k)
             correct += (predict(model, held, run.preprocess, batch, cfg.amp)
                         == held.labels).sum().item()
@@ -377,10 +382,8 @@ def robust_defend(run: DefenseSession) -> dict:
     log.info("robust mode: alpha %g chosen by %d-fold cross-validation", choice["alpha"],
              cfg.folds)
     model.load_state_dict(run.original_state())
-    w_ori = linear.weight.detach()[neurons].clone()
-    reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-    relearning = run.timed("relearning", relearn, model, linear, run.batches(), neurons, w_ori,
-                           with_alpha(cfg, choice["alpha"]), run.log_epoch)
+    relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, run.batches(),
+                           neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch)
     first = rounds[0]  # the unmasked round: faithful ULRL's unlearning
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
             "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"],
