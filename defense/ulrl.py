@@ -344,9 +344,10 @@ def choose_alpha(run: DefenseSession, neurons: list[int]) -> dict:
         correct = 0
         for k in range(cfg.folds):
             model.load_state_dict(run.original_state())
-            reinitialize_and_relearn(model, linear, run.batches(data=data.subset(fold != k)),
-                                     neurons, with_alpha(cfg, alpha))
-            held = data.subset(fold == k)
+            fit = data.subset((fold != k).nonzero().flatten())
+            reinitialize_and_relearn(model, linear, run.batches(data=fit), neurons,
+                                     with_alpha(cfg, alpha))
+            held = data.subset((fold == k).nonzero().flatten())
             correct += (predict(model, held, run.preprocess, batch, cfg.amp)
                         == held.labels).sum().item()
         tried.append({"alpha": alpha, "cv_acc": correct / len(data)})

@@ -58,6 +58,7 @@ def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
     choice = summary["alpha_choice"]  # tolerance 1: the walk covers the grid, keeps the last
     assert [t["alpha"] for t in choice["tried"]] == [0.1, 1.0] and choice["folds"] == 2
     assert choice["alpha"] == 1.0 and summary["relearning"]["epochs"] == 1
+    assert all(0 <= t["cv_acc"] <= 1 for t in choice["tried"])
     assert summary["identification"]["scores"] == rounds[0]["scores"]
     header, *rows = (tmp_path / "r/defense/ulrl/ulrl_df.csv").read_text().splitlines()
     phases = {row.split(",")[header.split(",").index("phase")] for row in rows}

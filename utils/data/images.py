@@ -62,7 +62,10 @@ class ImageSet:
         return tuple(self.images.shape[1:])
 
     def subset(self, idx) -> "ImageSet":
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:  # a mask would otherwise be read as indices 0 and 1
+            raise ValueError("subset takes indices, not a boolean mask: pass mask.nonzero()")
+        idx = idx.long()
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return ImageSet(self.images[idx], self.labels[idx], pick(self.true_labels),
                         pick(self.poisoned), pick(self.index))
