@@ -300,7 +300,8 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
     """Unlearn `rounds` times from the original weights on the defense subset, each time masking
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
-    unlearning. Returns per round the sink, its share and the rows' weight-change scores."""
+    unlearning. Returns per round the sink, its share and the rows' weight-change scores with
+    the faithful rule's outliers (score_neurons)."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     found: list[dict] = []
     for r in range(rounds):
@@ -315,11 +316,11 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
                                 minlength=linear.out_features)
         handle.remove()
         sink = int(counts.argmax())
-        scores = (linear.weight.detach().float() - w_pre.float()).abs().sum(1)
+        scored = score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht, cfg.dispersion,
+                               cfg.flag_rule)
         found.append({"round": r, "masked": masked, "sink": sink, "unlearning": unlearned,
                       "sink_share": counts[sink].item() / len(data),
-                      "predictions_per_class": counts.tolist(),
-                      "scores": [round(v, 6) for v in scores.tolist()]})
+                      "predictions_per_class": counts.tolist(), "identification": scored})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
                  counts[sink].item(), len(data))
     return found
@@ -370,28 +371,32 @@ def pick_alpha(tried: list[dict], tolerance: float) -> dict:
 
 
 def robust_defend(run: DefenseSession) -> dict:
-    """Robust ULRL: sink rounds flag the neurons, cross-validation on the defense subset chooses
-    alpha, then Algorithm 3 on the whole subset with that alpha."""
+    """Robust ULRL: the neurons faithful ULRL flags plus every sink-round's sink (a superset, so
+    identification never misses what the faithful rule finds; on the small CNN's LC record the
+    target is an outlier of the first round but never a sink), cross-validation on the defense
+    subset chooses alpha, then Algorithm 3 on the whole subset with that alpha."""
     cfg, model, linear = run.cfg, run.model, run.linear
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
             "defense images are too few (raise --ratio or --defense_samples, or lower --folds)")
     rounds = run.timed("unlearning", find_sinks, run, cfg.sink_rounds)
-    neurons = sorted({row["sink"] for row in rounds})
-    log.info("robust mode: flagged the sinks %s", neurons)
+    first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores and flags
+    sinks = [row["sink"] for row in rounds]
+    neurons = sorted(set(sinks) | set(first["flagged"]))
+    log.info("robust mode: flagged %s (sinks %s, outliers of the first round %s)", neurons, sinks,
+             first["flagged"])
     choice = run.timed("alpha_choice", choose_alpha, run, neurons)
     log.info("robust mode: alpha %g chosen by %d-fold cross-validation", choice["alpha"],
              cfg.folds)
     model.load_state_dict(run.original_state())
     relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, run.batches(),
                            neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch)
-    first = rounds[0]  # the unmasked round: faithful ULRL's unlearning
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
-            "mode": "robust", "identification": {"rule": "sinks", "scores": first["scores"],
-                                                "flagged": neurons},
+            "mode": "robust", "identification": {**first, "flagged": neurons, "sinks": sinks,
+                                                 "outliers_flagged": first["flagged"]},
             "sink_rounds": rounds, "alpha_choice": choice,
-            "unlearning": {**first["unlearning"],
-                           "predictions_per_class": first["predictions_per_class"]},
+            "unlearning": {**rounds[0]["unlearning"],
+                           "predictions_per_class": rounds[0]["predictions_per_class"]},
             "relearning": relearning}
 
 
