@@ -379,6 +379,9 @@ def robust_defend(run: DefenseSession) -> dict:
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
             "defense images are too few (raise --ratio or --defense_samples, or lower --folds)")
+    require(cfg.sink_rounds < linear.out_features,
+            f"--sink_rounds {cfg.sink_rounds} would mask all {linear.out_features} classes: "
+            f"use at most {linear.out_features - 1}")
     rounds = run.timed("unlearning", find_sinks, run, cfg.sink_rounds)
     first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores and flags
     sinks = [row["sink"] for row in rounds]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from defense import ulrl
+from utils.core.errors import UserError
 from tests.helpers import tiny_record
 
 
@@ -85,3 +86,11 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
     assert report["alpha_choice"]["folds"] == 3 and len(report["flagged_neurons"]) >= 2
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_more_sink_rounds_than_classes_allow_is_one_clear_error():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(UserError, match="--sink_rounds 3 would mask all 3 classes"):
+        ulrl.purify(model, images, torch.arange(30) % 3, mode="robust", sink_rounds=3,
+                    device="cpu")
