@@ -113,7 +113,7 @@ def explain(row: dict) -> str:
                      "reaching CA_min")
     if row["final_cosine"] is not None and flagged:
         parts.append(f"the flagged rows end at cosine {row['final_cosine']:.2f} to their originals"
-                     + (f" (alpha {row['alpha']:g}" + (", chosen on the held-out part)"
+                     + (f" (alpha {row['alpha']:g}" + (", chosen by cross-validation)"
                                                        if row["alpha_chosen"] else ")")
                         if row["alpha"] is not None else ""))
     return "; ".join(parts) + "."
