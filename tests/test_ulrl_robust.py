@@ -7,7 +7,9 @@ import torch
 
 from defense import ulrl
 from utils.core.errors import UserError
-from tests.helpers import tiny_record
+from tests.conftest import run_script
+from tests.helpers import needs_fashion_mnist, tiny_record
+from tests.outcomes import check, seed_args
 
 
 def test_class_folds_deal_every_class_evenly_and_are_seeded():
@@ -94,3 +96,21 @@ def test_more_sink_rounds_than_classes_allow_is_one_clear_error():
     with pytest.raises(UserError, match="--sink_rounds 3 would mask all 3 classes"):
         ulrl.purify(model, images, torch.arange(30) % 3, mode="robust", sink_rounds=3,
                     device="cpu")
+
+
+@needs_fashion_mnist
+@pytest.mark.outcome
+def test_robust_mode_removes_a_badnets_backdoor(small_badnet_record):
+    """The small shared BadNets record (target 0), robust mode at its defaults: the target is
+    flagged and the cross-validated alpha removes the backdoor.
+    Seeds 0-2 x 1-2 threads (sh/test_portability.sh tests/test_ulrl_robust.py): see the bounds."""
+    records, name = small_badnet_record
+    done = run_script("defense/ulrl.py", "--result_file", name, "--record_dir", records,
+                      "--mode", "robust", "--tag", "robust", *seed_args())
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((records / name / "defense/ulrl_robust/summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    check("target neuron 0 flagged", 0 in [f["neuron"] for f in summary["flagged_neurons"]],
+          ">=", 1)
+    check("robust ASR", after["test_asr"], "<", 0.10)
+    check("robust C-ACC change", after["test_acc"] - before["test_acc"], ">=", -0.06)
