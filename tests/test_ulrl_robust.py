@@ -103,7 +103,8 @@ def test_more_sink_rounds_than_classes_allow_is_one_clear_error():
 def test_robust_mode_removes_a_badnets_backdoor(small_badnet_record):
     """The small shared BadNets record (target 0), robust mode at its defaults: the target is
     flagged and the cross-validated alpha removes the backdoor.
-    Seeds 0-2 x 1-2 threads (sh/test_portability.sh tests/test_ulrl_robust.py): see the bounds."""
+    Seeds 0-2 x 1-2 threads (sh/test_portability.sh tests/test_ulrl_robust.py -k badnets, AMD
+    EPYC): target flagged in all six, ASR 0.00 % in all six, C-ACC change -0.8 to -2.2 points."""
     records, name = small_badnet_record
     done = run_script("defense/ulrl.py", "--result_file", name, "--record_dir", records,
                       "--mode", "robust", "--tag", "robust", *seed_args())
