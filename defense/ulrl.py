@@ -379,6 +379,7 @@ def robust_defend(run: DefenseSession) -> dict:
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
             "defense images are too few (raise --ratio or --defense_samples, or lower --folds)")
+    require(len(cfg.alpha_grid) > 0, "robust mode needs at least one alpha in --alpha_grid")
     require(cfg.sink_rounds < linear.out_features,
             f"--sink_rounds {cfg.sink_rounds} would mask all {linear.out_features} classes: "
             f"use at most {linear.out_features - 1}")

@@ -90,11 +90,14 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_more_sink_rounds_than_classes_allow_is_one_clear_error():
+def test_impossible_robust_settings_are_one_clear_error():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
     with pytest.raises(UserError, match="--sink_rounds 3 would mask all 3 classes"):
         ulrl.purify(model, images, torch.arange(30) % 3, mode="robust", sink_rounds=3,
+                    device="cpu")
+    with pytest.raises(UserError, match="at least one alpha"):
+        ulrl.purify(model, images, torch.arange(30) % 3, mode="robust", alpha_grid=[],
                     device="cpu")
 
 
