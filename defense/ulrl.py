@@ -206,6 +206,14 @@ def reinitialize_and_relearn(model, linear, batches, neurons: list[int], cfg,
     return relearn(model, linear, batches, neurons, w_ori, cfg, log_epoch)
 
 
+def predictions_per_class(run: DefenseSession) -> torch.Tensor:
+    """How many defense images the session's model predicts as each class."""
+    cfg = run.cfg
+    return torch.bincount(predict(run.model, run.defense_data, run.preprocess,
+                                  eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
+                          minlength=run.linear.out_features)
+
+
 # ---------------------------------------------------------------- Algorithm 1
 def choose_neurons(found: dict, num_neurons: int, cfg) -> tuple[list[int], str]:
     """The neurons to reinitialize and what to do with them: 'reinitialize', or with none flagged
@@ -240,9 +248,7 @@ def defend(run: DefenseSession) -> dict:
     w_post = linear.weight.detach().clone()
     # For diagnosis: where the unlearned model sends the clean defense images (a "sink" class
     # that collects them moves most, whether or not it is the backdoor's target).
-    sink = torch.bincount(predict(model, run.defense_data, run.preprocess,
-                                  eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
-                          minlength=linear.out_features).tolist()
+    sink = predictions_per_class(run).tolist()
     # Lines 9-17: score the neurons and flag the outliers.
     found = run.timed("scoring", score_neurons, w_pre, w_post, cfg.tau, cfg.ht, cfg.dispersion,
                       cfg.flag_rule)
@@ -311,9 +317,7 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
         w_pre = linear.weight.detach().clone()
         log_epoch = lambda phase, *rest: run.log_epoch(f"{phase}_round{r}", *rest)  # noqa: E731
         unlearned = unlearn(model, run.batches(), cfg, log_epoch)
-        counts = torch.bincount(predict(model, data, run.preprocess,
-                                        eval_batch_size(cfg.eval_batch_size, run.device), cfg.amp),
-                                minlength=linear.out_features)
+        counts = predictions_per_class(run)
         handle.remove()
         sink = int(counts.argmax())
         scored = score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht, cfg.dispersion,
@@ -353,8 +357,7 @@ def choose_alpha(run: DefenseSession, neurons: list[int]) -> dict:
                         == held.labels).sum().item()
         tried.append({"alpha": alpha, "cv_acc": correct / len(data)})
         log.info("alpha %g: cross-validated accuracy %.4f", alpha, tried[-1]["cv_acc"])
-        best = max(t["cv_acc"] for t in tried)
-        if tried[-1]["cv_acc"] < best - cfg.heldout_tolerance:
+        if pick_alpha(tried, cfg.heldout_tolerance)["alpha"] != alpha:  # fell out: the walk ends
             break
     return {"tried": tried, "folds": cfg.folds, **pick_alpha(tried, cfg.heldout_tolerance)}
 
