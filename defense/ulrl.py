@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
+from utils.data.images import class_folds  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
@@ -287,19 +288,6 @@ def masked_classes(linear: torch.nn.Module, classes: list[int]):
         output[:, classes] = -1e4
         return output
     return linear.register_forward_hook(hook)
-
-
-def class_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """The fold (0..k-1) of every image: each class is shuffled with a seeded generator and dealt
-    round-robin, so every fold holds about 1/k of each class."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    fold = torch.empty(len(labels), dtype=torch.long)
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().flatten()
-        fold[members[torch.randperm(len(members), generator=generator)]] = \
-            torch.arange(len(members)) % k
-    return fold
 
 
 def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:

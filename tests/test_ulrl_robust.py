@@ -7,6 +7,7 @@ import torch
 
 from defense import ulrl
 from utils.core.errors import UserError
+from utils.data.images import class_folds
 from tests.conftest import run_script
 from tests.helpers import needs_fashion_mnist, tiny_record
 from tests.outcomes import check, seed_args
@@ -14,11 +15,11 @@ from tests.outcomes import check, seed_args
 
 def test_class_folds_deal_every_class_evenly_and_are_seeded():
     labels = torch.tensor([0] * 40 + [1] * 21 + [2] * 3)
-    fold = ulrl.class_folds(labels, 4, seed=0)
+    fold = class_folds(labels, 4, seed=0)
     for c, per_fold in ((0, [10] * 4), (1, [6, 5, 5, 5]), (2, [1, 1, 1, 0])):
         assert torch.bincount(fold[labels == c], minlength=4).tolist() == per_fold
-    assert torch.equal(ulrl.class_folds(labels, 4, seed=0), fold)
-    assert not torch.equal(ulrl.class_folds(labels, 4, seed=1), fold)
+    assert torch.equal(class_folds(labels, 4, seed=0), fold)
+    assert not torch.equal(class_folds(labels, 4, seed=1), fold)
 
 
 def test_masked_classes_pins_logits_until_removed():

@@ -93,6 +93,19 @@ def backdoor_set(triggered: ImageSet, target: int, trigger=None) -> ImageSet:
                     torch.ones(len(part), dtype=torch.bool, device=part.labels.device))
 
 
+def class_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The fold (0..k-1) of every image: each class is shuffled with a seeded generator and dealt
+    round-robin, so every fold holds about 1/k of each class."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        fold[members[torch.randperm(len(members), generator=generator)]] = \
+            torch.arange(len(members)) % k
+    return fold
+
+
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """Match the channel count a model expects: grey -> RGB repeats, RGB -> grey uses ITU-R 601-2
     luma (PIL's "L" conversion), so 1-channel data run on 3-channel models and vice versa."""
