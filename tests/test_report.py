@@ -155,6 +155,25 @@ def test_update_replaces_the_rerun_records_rows_and_keeps_the_others(records, tm
     assert [r["attack"] for r in new if r["model"] == "vgg19_bn"] == ["badnet", "Average"]
 
 
+def test_update_keeps_the_cells_of_defenses_not_rerun_unless_the_record_was_remade(records, tmp_path,
+                                                                                   capsys):
+    main([str(records), "--out", str(tmp_path / "old")])
+    rerun = tmp_path / "rerun"  # FT again on the same badnet model, FT on a remade blended one
+    put(rerun, "bn", "ft", metrics(0.90, 0.99), metrics(0.89, 0.20), attack="badnet")
+    put(rerun, "bl", "ft", metrics(0.81, 0.95), metrics(0.80, 0.40), attack="blended")
+    capsys.readouterr()
+    assert main([str(rerun), "--out", str(tmp_path / "new"), "--update",
+                 str(tmp_path / "old.csv")]) == 0
+    assert "bl: its No Defense C-ACC / ASR differ" in capsys.readouterr().err
+    new = {r["attack"]: r for r in read_csv(tmp_path / "new.csv")
+           if r["model"] == "smallcnn" and r["dataset"] == "fashion_mnist"}
+    assert float(new["badnet"]["ft_asr"]) == pytest.approx(20.0)  # the rerun's
+    assert float(new["badnet"]["ulrl_asr"]) == pytest.approx(1.0)  # kept: same model
+    assert float(new["badnet"]["ulrl_retune_asr"]) == pytest.approx(60.0)
+    assert new["blended"]["ulrl_asr"] == "" and float(new["blended"]["ft_asr"]) == 40.0
+    assert float(new["Average"]["ulrl_asr"]) == pytest.approx(1.0)  # over the rows that have it
+
+
 LONG_COLUMNS = ["record", "dataset", "model", "attack", "defense", "metric", "value", "unit"]
 
 

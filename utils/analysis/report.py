@@ -17,8 +17,10 @@ DER = [max(0, ASR drop) - max(0, C-ACC drop) + 1] / 2 (in %, 100 = backdoor gone
 average row per dataset (mean over the rows that have the value). All numbers of the tables are
 percentages.
 `--compact` puts a defense's cells in one Markdown column. `--update OLD.csv` rebuilds an earlier
-table with the given runs replacing its rows of the same records (the other rows kept as they
-were, averages recomputed), so rerunning one attack does not mean rerunning the sweep. `--metrics`
+table with the given runs replacing its cells (the other rows, and a rerun record's cells of the
+defenses not rerun, kept as they were; averages recomputed), so rerunning one attack or one
+defense does not mean rerunning the sweep; a record whose No Defense numbers changed (remade)
+keeps only its fresh cells. `--metrics`
 picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall time in seconds
 without the retuning check (time). `--long` writes the CSV in tidy form instead (columns record,
 dataset, model, attack, defense, metric, value, unit; one row per record, defense and metric, in
@@ -162,21 +164,43 @@ def earlier_rows(path) -> list[dict]:
             for row in rows]
 
 
+def kept_cells(old: dict | None, fresh: dict, rerun: set[str]) -> dict:
+    """The earlier row's cells of the defenses not rerun on this record, when its No Defense
+    numbers agree with the fresh runs' to 0.01 points (the same backdoored model); a record made
+    anew keeps none of them."""
+    if old is None:
+        return {}
+    same = all(abs(old.get(k, float("nan")) - fresh[k]) <= 0.01
+               for k in ("no_defense_acc", "no_defense_asr"))
+    stale = sorted(methods_of([old]) - rerun)
+    if not same:
+        if stale:
+            print(f"{fresh['record']}: its No Defense C-ACC / ASR differ from the earlier table's "
+                  f"(a remade record), so its earlier cells of {', '.join(stale)} are dropped",
+                  file=sys.stderr)
+        return {}
+    return {k: v for k, v in old.items() if k not in TEXT_COLUMNS and k in
+            {f"{m}_{metric}" for m in stale for metric in METRICS}}
+
+
 def table_rows(results: list[Result], methods: list[str], metrics,
                earlier: list[dict] = ()) -> list[dict]:
     """One row per record (sorted by dataset, attack, record), with the `earlier` rows of the
-    records that have no result here, and an average row per dataset."""
+    records that have no result here, the earlier cells of defenses not rerun (kept_cells), and
+    an average row per dataset."""
     by_record: dict[tuple, dict[str, Result]] = {}
     for r in results:
         by_record.setdefault((r.dataset, r.attack, r.record), {})[r.method] = r
     fresh = {key[2] for key in by_record}
     rows = [{k: v for k, v in row.items() if k != "model"} for row in earlier
             if row["record"] not in fresh]
+    old_rows = {row["record"]: row for row in earlier if row["record"] in fresh}
     for (dataset, attack, record), runs in by_record.items():
         first = runs[sorted(runs)[0]]
         row = {"dataset": dataset, "attack": attack, "record": record,
                "no_defense_acc": 100 * first.before["test_acc"],
                "no_defense_asr": 100 * first.before["test_asr"]}
+        row.update(kept_cells(old_rows.get(record), row, set(runs)))
         for m in methods:
             if m in runs:
                 for k in metrics:
@@ -299,7 +323,8 @@ def main(argv=None) -> int:
                              "(the CSV keeps one column per value)")
     parser.add_argument("--update", metavar="OLD.csv",
                         help="an earlier report's CSV: its rows of records without a result here "
-                             "are kept, the others replaced, the averages recomputed")
+                             "are kept, and a rerun record's cells of the defenses not rerun (when "
+                             "its No Defense numbers agree); the averages recomputed")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lines", action="store_true", help="one line per run")
     mode.add_argument("--table", action="store_true", help="tables, also for summary.json files")
