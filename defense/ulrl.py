@@ -36,6 +36,8 @@ from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
+FLAG_RULES = ("code", "paper")
+
 OPTIONS = {
     **DEFENSE_OPTIONS,
     **UNLEARNING_OPTIONS,  # Algorithm 2: unlearning (utils/defenses/unlearning.py)
@@ -45,8 +47,9 @@ OPTIONS = {
     "tau": Option(3.5, "outlier threshold on the z-score (MAD threshold tau)", bounds="> 0"),
     "flag_rule": Option("code", "'code': the public code's modified z-score, (s - median) / "
                         "(1.4826 MAD) > tau, upper tail; 'paper': Algorithm 2's |s - median| > "
-                        "tau x MAD, either direction, ranked by deviation",
-                        choices=("code", "paper")),
+                        "tau x MAD, either direction, ranked by deviation (robust mode flags "
+                        "both rules' outliers; this picks the scores it reports)",
+                        choices=FLAG_RULES),
     "ht": Option(2, "hard cap on flagged neurons, keeping the largest scores (0: no cap)", bounds=">= 0"),
     "selection": Option("mad", "'mad': reinitialize the flagged outliers; 'random': random_k "
                         "neurons drawn with --seed (Table VI)", choices=("mad", "random")),
@@ -294,8 +297,8 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
     """Unlearn `rounds` times from the original weights on the defense subset, each time masking
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
-    unlearning. Returns per round the sink, its share and the rows' weight-change scores with
-    the faithful rule's outliers (score_neurons)."""
+    unlearning. Returns per round the sink, its share, the rows' weight-change scores under
+    --flag_rule and each rule's flagged rows (score_neurons)."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     found: list[dict] = []
     for r in range(rounds):
@@ -308,11 +311,13 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
         counts = predictions_per_class(run)
         handle.remove()
         sink = int(counts.argmax())
-        scored = score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht, cfg.dispersion,
-                               cfg.flag_rule)
+        by_rule = {rule: score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht,
+                                       cfg.dispersion, rule) for rule in FLAG_RULES}
         found.append({"round": r, "masked": masked, "sink": sink, "unlearning": unlearned,
                       "sink_share": counts[sink].item() / len(data),
-                      "predictions_per_class": counts.tolist(), "identification": scored})
+                      "predictions_per_class": counts.tolist(),
+                      "identification": by_rule[cfg.flag_rule],
+                      "flagged_by_rule": {rule: by_rule[rule]["flagged"] for rule in FLAG_RULES}})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
                  counts[sink].item(), len(data))
     return found
@@ -362,10 +367,12 @@ def pick_alpha(tried: list[dict], tolerance: float) -> dict:
 
 
 def robust_defend(run: DefenseSession) -> dict:
-    """Robust ULRL: the neurons faithful ULRL flags plus every sink-round's sink (a superset, so
-    identification never misses what the faithful rule finds; on the small CNN's LC record the
-    target is an outlier of the first round but never a sink), cross-validation on the defense
-    subset chooses alpha, then Algorithm 3 on the whole subset with that alpha."""
+    """Robust ULRL: the neurons faithful ULRL flags under either rule plus every sink-round's
+    sink (a superset, so identification never misses what a faithful rule finds: on the small
+    CNN's LC record the target is an outlier of the first round but never a sink, and a
+    clean-label target, SIG on PreAct-ResNet, is never a sink but the paper rule's outlier),
+    cross-validation on the defense subset chooses alpha, then Algorithm 3 on the whole subset
+    with that alpha."""
     cfg, model, linear = run.cfg, run.model, run.linear
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
@@ -375,11 +382,12 @@ def robust_defend(run: DefenseSession) -> dict:
             f"--sink_rounds {cfg.sink_rounds} would mask all {linear.out_features} classes: "
             f"use at most {linear.out_features - 1}")
     rounds = run.timed("unlearning", find_sinks, run, cfg.sink_rounds)
-    first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores and flags
+    first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores
+    outliers = sorted(set().union(*rounds[0]["flagged_by_rule"].values()))
     sinks = [row["sink"] for row in rounds]
-    neurons = sorted(set(sinks) | set(first["flagged"]))
+    neurons = sorted(set(sinks) | set(outliers))
     log.info("robust mode: flagged %s (sinks %s, outliers of the first round %s)", neurons, sinks,
-             first["flagged"])
+             outliers)
     choice = run.timed("alpha_choice", choose_alpha, run, neurons)
     log.info("robust mode: alpha %g chosen by %d-fold cross-validation", choice["alpha"],
              cfg.folds)
@@ -388,7 +396,7 @@ def robust_defend(run: DefenseSession) -> dict:
                            neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch)
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
             "mode": "robust", "identification": {**first, "flagged": neurons, "sinks": sinks,
-                                                 "outliers_flagged": first["flagged"]},
+                                                 "outliers_flagged": outliers},
             "sink_rounds": rounds, "alpha_choice": choice,
             "unlearning": {**rounds[0]["unlearning"],
                            "predictions_per_class": rounds[0]["predictions_per_class"]},
