@@ -298,7 +298,7 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
     unlearning. Returns per round the sink, its share, the rows' weight-change scores under
-    --flag_rule and each rule's flagged rows (score_neurons)."""
+    --flag_rule and each rule's flagged rows and upper cut (score_neurons)."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     found: list[dict] = []
     for r in range(rounds):
@@ -317,7 +317,9 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
                       "sink_share": counts[sink].item() / len(data),
                       "predictions_per_class": counts.tolist(),
                       "identification": by_rule[cfg.flag_rule],
-                      "flagged_by_rule": {rule: by_rule[rule]["flagged"] for rule in FLAG_RULES}})
+                      "flagged_by_rule": {rule: by_rule[rule]["flagged"] for rule in FLAG_RULES},
+                      "threshold_by_rule": {rule: by_rule[rule]["threshold"]
+                                            for rule in FLAG_RULES}})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
                  counts[sink].item(), len(data))
     return found
@@ -395,8 +397,9 @@ def robust_defend(run: DefenseSession) -> dict:
     relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, run.batches(),
                            neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch)
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
-            "mode": "robust", "identification": {**first, "flagged": neurons, "sinks": sinks,
-                                                 "outliers_flagged": outliers},
+            "mode": "robust", "identification": {
+                **first, "flagged": neurons, "sinks": sinks, "outliers_flagged": outliers,
+                "threshold_by_rule": rounds[0]["threshold_by_rule"]},
             "sink_rounds": rounds, "alpha_choice": choice,
             "unlearning": {**rounds[0]["unlearning"],
                            "predictions_per_class": rounds[0]["predictions_per_class"]},

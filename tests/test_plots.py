@@ -54,6 +54,21 @@ def test_neuron_chart_and_curves_are_written(tmp_path):
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_robust_chart_draws_both_rules_cuts(tmp_path, monkeypatch):
+    """Robust mode flags the outliers of both rules: the chart shows the other rule's cut too."""
+    from matplotlib.axes import Axes
+    labels = []
+    draw = Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda ax, y, **kw: labels.append(kw.get("label"))
+                        or draw(ax, y, **kw))
+    folder = defense_folder(tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["identification"].update(rule="code", threshold_by_rule={"code": 2.17, "paper": 1.9})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert is_png(write_plots(folder)[0])
+    assert labels == ["median 1.17", "threshold 2.17 (MAD)", "threshold 1.9 (paper rule)"]
+
+
 def test_only_what_the_files_allow_is_drawn(tmp_path):
     folder = defense_folder(tmp_path, method="ft", identification=False, curves=False)
     assert write_plots(folder) == []  # no identification block, no per-epoch evaluation

@@ -61,6 +61,8 @@ def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
     first = rounds[0]["identification"]  # faithful ULRL's scores (--flag_rule code)
     by_rule = rounds[0]["flagged_by_rule"]  # both rules' outliers, plus the sinks
     assert by_rule["code"] == first["flagged"] and set(by_rule) == {"code", "paper"}
+    assert rounds[0]["threshold_by_rule"]["code"] == first["threshold"]
+    assert summary["identification"]["threshold_by_rule"] == rounds[0]["threshold_by_rule"]
     outliers = sorted(set(by_rule["code"]) | set(by_rule["paper"]))
     assert [f["neuron"] for f in summary["flagged_neurons"]] == \
         sorted({r["sink"] for r in rounds} | set(outliers))

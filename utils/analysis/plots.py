@@ -64,6 +64,10 @@ def neuron_chart(plt, found: dict, title: str, path: Path) -> Path:
         scale = found.get("dispersion", "mad").upper()
         ax.axhline(found["threshold"], color="tab:red", linestyle=":", linewidth=1.5,
                    label=f"threshold {found['threshold']:.3g} ({scale})")
+    for rule, cut in found.get("threshold_by_rule", {}).items():  # robust mode: both rules flag
+        if rule != found.get("rule"):
+            ax.axhline(cut, color="tab:purple", linestyle="-.", linewidth=1.2,
+                       label=f"threshold {cut:.3g} ({rule} rule)")
     for j in sorted(flagged):
         ax.annotate(f"{j}: {scores[j]:.3g}", (j, scores[j]), ha="center", va="bottom", fontsize=8)
     if len(scores) <= 20:
@@ -144,7 +148,7 @@ def write_plots(folder, summary: dict | None = None) -> list[Path]:
     written = []
     if "identification" in summary:
         written.append(neuron_chart(plt, summary["identification"],
-                                    f"{title}: weight change per classifier neuron",
+                                    f"{title}\nweight change per classifier neuron",
                                     folder / "neuron_changes.png"))
     table = folder / f"{method}_df.csv"
     if table.is_file():
