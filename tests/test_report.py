@@ -174,6 +174,13 @@ def test_update_keeps_the_cells_of_defenses_not_rerun_unless_the_record_was_rema
     assert float(new["Average"]["ulrl_asr"]) == pytest.approx(1.0)  # over the rows that have it
 
 
+def test_complete_keeps_the_records_every_defense_ran_on(records, tmp_path):
+    assert main([str(records), "--out", str(tmp_path / "t"), "--complete"]) == 0
+    small = [r for r in read_csv(tmp_path / "t.csv") if r["model"] == "smallcnn"]
+    assert [r["attack"] for r in small] == ["badnet", "Average"]  # only badnet has ulrl and ft
+    assert float(small[1]["ulrl_asr"]) == pytest.approx(1.0)
+
+
 LONG_COLUMNS = ["record", "dataset", "model", "attack", "defense", "metric", "value", "unit"]
 
 

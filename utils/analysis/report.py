@@ -20,7 +20,8 @@ percentages.
 table with the given runs replacing its cells (the other rows, and a rerun record's cells of the
 defenses not rerun, kept as they were; averages recomputed), so rerunning one attack or one
 defense does not mean rerunning the sweep; a record whose No Defense numbers changed (remade)
-keeps only its fresh cells. `--metrics`
+keeps only its fresh cells. `--complete` keeps only the records every shown defense ran on, so
+that the averages of a partial sweep compare the defenses on the same records. `--metrics`
 picks the cells per defense: also C-ACC after (acc), RA (ra) and the defense's wall time in seconds
 without the retuning check (time). `--long` writes the CSV in tidy form instead (columns record,
 dataset, model, attack, defense, metric, value, unit; one row per record, defense and metric, in
@@ -184,10 +185,11 @@ def kept_cells(old: dict | None, fresh: dict, rerun: set[str]) -> dict:
 
 
 def table_rows(results: list[Result], methods: list[str], metrics,
-               earlier: list[dict] = ()) -> list[dict]:
+               earlier: list[dict] = (), complete: bool = False) -> list[dict]:
     """One row per record (sorted by dataset, attack, record), with the `earlier` rows of the
     records that have no result here, the earlier cells of defenses not rerun (kept_cells), and
-    an average row per dataset."""
+    an average row per dataset; `complete`: only the records every defense ran on, so that the
+    averages compare the defenses on the same records."""
     by_record: dict[tuple, dict[str, Result]] = {}
     for r in results:
         by_record.setdefault((r.dataset, r.attack, r.record), {})[r.method] = r
@@ -208,6 +210,9 @@ def table_rows(results: list[Result], methods: list[str], metrics,
                     if value is not None:
                         row[f"{m}_{k}"] = value
         rows.append(row)
+    if complete:
+        rows = [row for row in rows
+                if all(any(f"{m}_{k}" in row for k in metrics) for m in methods)]
     datasets = {}
     for row in sorted(rows, key=lambda row: (row["dataset"], row["attack"], row["record"])):
         datasets.setdefault(row["dataset"], []).append(row)
@@ -265,7 +270,7 @@ def compact_columns(cols: list[tuple[str, str]], methods: list[str], metrics) ->
 
 def build_tables(results: list[Result], defenses: list[str] | None = None,
                  metrics=DEFAULT_METRICS, compact: bool = False,
-                 earlier: list[dict] = ()) -> tuple[str, list]:
+                 earlier: list[dict] = (), complete: bool = False) -> tuple[str, list]:
     """(Markdown of one table per model, CSV rows of all tables with a 'model' column); rows of
     an `earlier` table are kept for the records without a result here."""
     methods = defenses or sorted({r.method for r in results} | methods_of(earlier))
@@ -277,7 +282,7 @@ def build_tables(results: list[Result], defenses: list[str] | None = None,
         present = [m for m in methods
                    if any(r.method == m for r in mine) or m in methods_of(kept)]
         cols = columns(present, metrics, mine, kept)
-        rows = table_rows(mine, present, metrics, kept)
+        rows = table_rows(mine, present, metrics, kept, complete)
         shown = compact_columns(cols, present, metrics) if compact else cols
         md_parts.append(markdown(f"{model}: percentages; ΔC-ACC in points", shown, rows))
         csv_rows += [{"model": model, **{k: round(row[k], 4) if isinstance(row.get(k), float)
@@ -321,6 +326,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compact", action="store_true",
                         help="Markdown: one column per defense with its metrics joined by ' / ' "
                              "(the CSV keeps one column per value)")
+    parser.add_argument("--complete", action="store_true",
+                        help="only the records every shown defense ran on (averages over the "
+                             "same records)")
     parser.add_argument("--update", metavar="OLD.csv",
                         help="an earlier report's CSV: its rows of records without a result here "
                              "are kept, and a rerun record's cells of the defenses not rerun (when "
@@ -359,7 +367,8 @@ def main(argv=None) -> int:
     if not results:
         return 1
     earlier = earlier_rows(args.update) if args.update else []
-    text, rows = build_tables(results, args.defenses, args.metrics, args.compact, earlier)
+    text, rows = build_tables(results, args.defenses, args.metrics, args.compact, earlier,
+                              args.complete)
     out = args.out or str(Path(folders[0] if folders else ".") / "report")
     write_text(f"{out}.md", text)
     if args.long:
