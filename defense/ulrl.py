@@ -68,9 +68,10 @@ OPTIONS = {
     "alpha": Option(0.7, "weight of the relearning penalty", bounds=">= 0",
                     aliases=("relearn_alpha",)),
     # robust mode (not in the paper; see robust_defend)
-    "mode": Option("faithful", "'faithful': Algorithms 1-3 as published; 'robust': flag the "
-                   "classes unlearning collapses into (sink rounds) and choose alpha by "
-                   "cross-validation on the defense subset", choices=("faithful", "robust")),
+    "mode": Option("faithful", "'faithful': Algorithms 1-3 as published; 'robust': flag both "
+                   "rules' outliers and the classes unlearning collapses into (sink rounds) and "
+                   "choose alpha by cross-validation on the defense subset",
+                   choices=("faithful", "robust")),
     "sink_rounds": Option(2, "robust mode: unlearning rounds, each masking the earlier rounds' "
                           "sinks; every round's sink is flagged", bounds=">= 1"),
     "folds": Option(4, "robust mode: class-stratified folds of the defense subset for choosing "
