@@ -33,6 +33,8 @@ from utils.core.config import Option, parse_config  # noqa: E402
 from utils.data.images import class_folds  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
+from utils.defenses.synthesis import (SYNTHESIS_OPTIONS, flip_rate, mean_features,  # noqa: E402
+                                      synthesize_trigger, with_perturbed_copies)
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
@@ -81,6 +83,7 @@ OPTIONS = {
     "heldout_tolerance": Option(0.02, "robust mode: the grid is walked up while the held-out "
                                 "accuracy stays at most this far below the best so far; the "
                                 "last alpha within it is chosen", bounds=">= 0"),
+    **SYNTHESIS_OPTIONS,  # robust mode: relearning against a synthesized trigger
 }
 
 # x spread = the standard deviation of a normal distribution, so tau reads alike for every measure
@@ -178,11 +181,12 @@ PENALTIES = {"cosine": cosine_penalty, "inner": inner_penalty,
 
 
 def relearn(model, linear, batches, neurons: list[int], w_ori: torch.Tensor, cfg,
-            log_epoch: Callable | None = None) -> dict:
+            log_epoch: Callable | None = None, transform: Callable | None = None) -> dict:
     """Train all parameters on `batches` with CE + alpha * penalty (cfg holds the relearn_*
     options, regularizer, alpha and amp). The cosine to the original rows is logged whatever the
     penalty, as the measure of how far they moved away; `log_epoch(phase, epoch, stats,
-    optimizer, model)` receives every epoch's row."""
+    optimizer, model)` receives every epoch's row; `transform(x, y)` rewrites each batch (robust
+    mode adds trigger-synthesized copies)."""
     penalty = PENALTIES[cfg.regularizer]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.relearn_lr,
                                 momentum=cfg.relearn_momentum)
@@ -197,18 +201,19 @@ def relearn(model, linear, batches, neurons: list[int], w_ori: torch.Tensor, cfg
             log_epoch("relearning", epoch, stats, optimizer, model)
 
     fit(model, batches, optimizer, cfg.relearn_epochs, loss_fn=loss_fn, scheduler=scheduler,
-        amp=cfg.amp, on_epoch=on_epoch, desc="relearning")
+        amp=cfg.amp, transform=transform, on_epoch=on_epoch, desc="relearning")
     return {"epochs": cfg.relearn_epochs, "regularizer": cfg.regularizer,
             "final_cosine": cosine_penalty(linear.weight.detach(), neurons, w_ori).item()}
 
 
 def reinitialize_and_relearn(model, linear, batches, neurons: list[int], cfg,
-                             log_epoch: Callable | None = None) -> dict:
+                             log_epoch: Callable | None = None,
+                             transform: Callable | None = None) -> dict:
     """Algorithm 3 from the model's current weights: reinitialize the flagged rows (seeded by
     cfg.seed), then relearn them away from the rows they had."""
     w_ori = linear.weight.detach()[neurons].clone()
     reinitialize(linear, neurons, torch.Generator().manual_seed(cfg.seed))
-    return relearn(model, linear, batches, neurons, w_ori, cfg, log_epoch)
+    return relearn(model, linear, batches, neurons, w_ori, cfg, log_epoch, transform)
 
 
 def predictions_per_class(run: DefenseSession) -> torch.Tensor:
@@ -294,13 +299,18 @@ def masked_classes(linear: torch.nn.Module, classes: list[int]):
     return linear.register_forward_hook(hook)
 
 
-def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
+def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
     """Unlearn `rounds` times from the original weights on the defense subset, each time masking
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
     unlearning. Returns per round the sink, its share, the rows' weight-change scores under
-    --flag_rule and each rule's flagged rows and upper cut (score_neurons)."""
+    --flag_rule and each rule's flagged rows and upper cut (score_neurons); and how round 0 moved
+    the mean classifier input of `inputs` (the defense images, preprocessed): the direction the
+    trigger synthesis follows."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
+    batch = eval_batch_size(cfg.eval_batch_size, run.device)
+    model.load_state_dict(run.original_state())
+    original_features = mean_features(model, linear, inputs, batch)
     found: list[dict] = []
     for r in range(rounds):
         model.load_state_dict(run.original_state())
@@ -311,6 +321,8 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
         unlearned = unlearn(model, run.batches(), cfg, log_epoch)
         counts = predictions_per_class(run)
         handle.remove()
+        if r == 0:
+            shift = mean_features(model, linear, inputs, batch) - original_features
         sink = int(counts.argmax())
         by_rule = {rule: score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht,
                                        cfg.dispersion, rule) for rule in FLAG_RULES}
@@ -323,7 +335,7 @@ def find_sinks(run: DefenseSession, rounds: int) -> list[dict]:
                                             for rule in FLAG_RULES}})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
                  counts[sink].item(), len(data))
-    return found
+    return found, shift
 
 
 def with_alpha(cfg, alpha: float) -> SimpleNamespace:
@@ -375,7 +387,10 @@ def robust_defend(run: DefenseSession) -> dict:
     CNN's LC record the target is an outlier of the first round but never a sink, and a
     clean-label target, SIG on PreAct-ResNet, is never a sink but the paper rule's outlier),
     cross-validation on the defense subset chooses alpha, then Algorithm 3 on the whole subset
-    with that alpha."""
+    with that alpha. With synth_rms > 0 each batch of that relearning also carries its copy under
+    a trigger synthesized along round 0's feature shift (utils/defenses/synthesis.py), labelled
+    with the true classes: a flagged row that is reversed does not stop a trigger whose features
+    still read as the target's."""
     cfg, model, linear = run.cfg, run.model, run.linear
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
@@ -384,27 +399,54 @@ def robust_defend(run: DefenseSession) -> dict:
     require(cfg.sink_rounds < linear.out_features,
             f"--sink_rounds {cfg.sink_rounds} would mask all {linear.out_features} classes: "
             f"use at most {linear.out_features - 1}")
-    rounds = run.timed("unlearning", find_sinks, run, cfg.sink_rounds)
+    inputs = run.preprocess(run.defense_data.images)
+    rounds, shift = run.timed("unlearning", find_sinks, run, cfg.sink_rounds, inputs)
     first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores
     outliers = sorted(set().union(*rounds[0]["flagged_by_rule"].values()))
     sinks = [row["sink"] for row in rounds]
     neurons = sorted(set(sinks) | set(outliers))
     log.info("robust mode: flagged %s (sinks %s, outliers of the first round %s)", neurons, sinks,
              outliers)
+    model.load_state_dict(run.original_state())
+    delta, synthesis = synthesized_trigger(run, inputs, shift)
     choice = run.timed("alpha_choice", choose_alpha, run, neurons)
     log.info("robust mode: alpha %g chosen by %d-fold cross-validation", choice["alpha"],
              cfg.folds)
     model.load_state_dict(run.original_state())
+    # Only the final relearning sees the synthesized trigger: alpha is chosen as without it (the
+    # choice's cost stays that of 4 x 5 plain relearnings).
+    transform = None if delta is None else with_perturbed_copies(delta)
     relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, run.batches(),
-                           neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch)
+                           neurons, with_alpha(cfg, choice["alpha"]), run.log_epoch, transform)
+    if delta is not None:
+        synthesis["after"] = flip_rate(model, inputs, delta,
+                                       eval_batch_size(cfg.eval_batch_size, run.device))
+        log.info("synthesized trigger after relearning: changes %.1f %% of the defense "
+                 "predictions", 100 * synthesis["after"]["changed"])
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
             "mode": "robust", "identification": {
                 **first, "flagged": neurons, "sinks": sinks, "outliers_flagged": outliers,
                 "threshold_by_rule": rounds[0]["threshold_by_rule"]},
-            "sink_rounds": rounds, "alpha_choice": choice,
+            "sink_rounds": rounds, "alpha_choice": choice, "synthesis": synthesis,
             "unlearning": {**rounds[0]["unlearning"],
                            "predictions_per_class": rounds[0]["predictions_per_class"]},
             "relearning": relearning}
+
+
+def synthesized_trigger(run: DefenseSession, inputs: torch.Tensor, shift: torch.Tensor):
+    """(the trigger synthesized on the original model along `shift`, to add to normalized
+    inputs; its summary), or (None, {"rms": 0}) with synthesis off."""
+    cfg = run.cfg
+    if cfg.synth_rms == 0:
+        return None, {"rms": 0}
+    delta = run.timed("synthesis", synthesize_trigger, run.model, run.linear, inputs, shift,
+                      run.preprocess.std, cfg)
+    before = flip_rate(run.model, inputs, delta, eval_batch_size(cfg.eval_batch_size, run.device))
+    log.info("synthesized trigger (rms %g): changes %.1f %% of the defense predictions, %.1f %% "
+             "go to class %d", cfg.synth_rms, 100 * before["changed"], 100 * before["top_share"],
+             before["top_class"])
+    return delta, {"rms": cfg.synth_rms, "feature_shift_norm": shift.norm().item(),
+                   "before": before}
 
 
 purify = python_api(OPTIONS, defend, "ulrl")  # the Python API
