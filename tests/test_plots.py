@@ -83,6 +83,25 @@ def test_command_draws_every_defense_folder_under_a_root(tmp_path):
     assert main([str(tmp_path / "nothing")]) == 1
 
 
+@pytest.mark.parametrize("summary", [
+    "{not json", "[]", '{"method": "ulrl", "identification": {}}',
+    '{"method": "ulrl", "record": "r", "identification": {"scores": "10", "flagged": [0]}}',
+    '{"method": "ulrl", "record": "r", "identification": {"scores": [1, 2], "flagged": 3}}',
+    '{"method": "ulrl", "record": "r", "identification": {"scores": [1, 2], "flagged": [0], '
+    '"median": "x", "threshold_by_rule": {"code": "y"}}}'])
+def test_a_malformed_summary_is_one_line_and_the_others_are_drawn(tmp_path, capsys, summary):
+    """A summary.json is a file in a record folder, so it may be planted: the command names it
+    in one line, draws the other folders and exits 1, never with a traceback."""
+    good = defense_folder(tmp_path)
+    bad = defense_folder(tmp_path, method="ulrl_robust")
+    (bad / "summary.json").write_text(summary)
+    assert main([str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad / 'summary.json'}: not plotted" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert (good / "neuron_changes.png").is_file()
+
+
 def test_missing_matplotlib_is_a_warning(tmp_path, monkeypatch):
     folder = defense_folder(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail

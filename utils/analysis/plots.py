@@ -172,9 +172,16 @@ def main(argv=None) -> int:
         print(f"no defense results (defense/<method>/summary.json) under {' '.join(map(str, paths))}",
               file=sys.stderr)
         return 1
+    failed = 0
     for folder in folders:
-        write_plots(folder)
-    return 0
+        try:
+            write_plots(folder)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            # summaries are files in record folders, so possibly planted: one line, go on
+            print(f"{folder / 'summary.json'}: not plotted, not a summary this tool wrote "
+                  f"({type(e).__name__}: {e}); rerun the defense to rewrite it", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
