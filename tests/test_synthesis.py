@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import torch
 
-from defense import ulrl
 from utils.defenses.synthesis import (classifier_inputs, flip_rate, mean_features,
                                       synthesize_trigger, with_perturbed_copies)
 
@@ -66,23 +65,3 @@ def test_flip_rate_counts_changed_predictions_and_their_class():
     assert flip_rate(model, x, delta, batch_size=3) == {"changed": 0.25, "top_class": 1,
                                                         "top_share": 0.75}
 
-
-def test_robust_purify_with_synthesis_reports_it_and_is_deterministic():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
-                                torch.nn.Linear(16, 3))
-    images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
-    labels = torch.arange(60) % 3
-    options = dict(mode="robust", device="cpu", unlearning_epochs=2, relearn_epochs=1,
-                   alpha_grid=[0.1], folds=3, batch_size=16, synth_rms=0.1, synth_steps=5)
-    (first, report), (second, again) = [ulrl.purify(model, images, labels, **options)
-                                        for _ in range(2)]
-    synthesis = report["synthesis"]
-    assert synthesis["rms"] == 0.1 and synthesis["feature_shift_norm"] > 0
-    for when in ("before", "after"):
-        assert 0 <= synthesis[when]["changed"] <= 1 and 0 < synthesis[when]["top_share"] <= 1
-    assert report["synthesis"] == again["synthesis"] and "synthesis" in report["times_s"]
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(a, b)
-    _, plain = ulrl.purify(model, images, labels, **{**options, "synth_rms": 0})
-    assert plain["synthesis"] == {"rms": 0} and "synthesis" not in plain["times_s"]

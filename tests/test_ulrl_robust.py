@@ -86,10 +86,17 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
                                 torch.nn.Linear(16, 3))
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(60) % 3
-    runs = [ulrl.purify(model, images, labels, mode="robust", device="cpu", unlearning_epochs=2,
-                        relearn_epochs=1, alpha_grid=[0.1, 1.0], folds=3, batch_size=16)
-            for _ in range(2)]
+    options = dict(mode="robust", device="cpu", unlearning_epochs=2, relearn_epochs=1,
+                   alpha_grid=[0.1, 1.0], folds=3, batch_size=16, synth_rms=0.1, synth_steps=5)
+    runs = [ulrl.purify(model, images, labels, **options) for _ in range(2)]
     (first, report), (second, again) = runs
+    synthesis = report["synthesis"]  # the trigger synthesized from the subset, reported
+    assert synthesis == again["synthesis"] and synthesis["feature_shift_norm"] > 0
+    for when in ("before", "after"):
+        assert 0 <= synthesis[when]["changed"] <= 1 and 0 < synthesis[when]["top_share"] <= 1
+    _, plain = ulrl.purify(model, images, labels, **{**options, "synth_rms": 0})
+    assert plain["synthesis"] == {"rms": 0} and "synthesis" not in plain["times_s"]
+    assert "synthesis" in report["times_s"]
     assert report["alpha_choice"] == again["alpha_choice"] and "before" not in report
     assert report["alpha_choice"]["folds"] == 3 and len(report["flagged_neurons"]) >= 2
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
