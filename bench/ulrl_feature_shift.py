@@ -12,6 +12,9 @@ mode never does):
 - the synthesized trigger (--synth_rms, default here 0.1): the share of clean test images it
   sends to the target on the original model, and the cosine of its feature shift with the
   trigger's;
+- with --purified FILE (a defense_result.pt of this record): how the synthesized trigger moves
+  the defense images' predictions on the original model and on that purified one (a trigger-free
+  sign of whether a backdoor survived: on LF after robust v4 it still sends them to the target);
 - with --projection_check: C-ACC / ASR after reinitializing --neurons and relearning (alpha as
   given) plainly, and with the unlearning shift's direction projected out of the classifier's
   input (the alternative the synthesis replaced).
@@ -30,7 +33,8 @@ import torch.nn.functional as F  # noqa: E402
 from defense import ulrl  # noqa: E402
 from utils.core.config import parse_config  # noqa: E402
 from utils.defenses.run import run_defense  # noqa: E402
-from utils.defenses.synthesis import classifier_inputs, synthesize_trigger  # noqa: E402
+from utils.data.record import load_defense_result  # noqa: E402
+from utils.defenses.synthesis import classifier_inputs, flip_rate, synthesize_trigger  # noqa: E402
 from utils.defenses.unlearning import unlearn  # noqa: E402
 
 
@@ -47,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--projection_check", action="store_true")
     parser.add_argument("--neurons", type=int, nargs="+", default=[0])
     parser.add_argument("--samples", type=int, default=2000, help="test images used")
+    parser.add_argument("--purified", type=Path, help="a defense_result.pt of this record")
     args, rest = parser.parse_known_args(argv)
     cfg = parse_config(ulrl.OPTIONS, "feature-shift check",
                        ["--synth_rms", "0.1", *rest, "--plots", "false", "--tag", "featureshift"])
@@ -74,6 +79,11 @@ def main(argv=None):
         rows["synthesized_to_target"] = (logits.argmax(1) == target).float().mean().item()
         rows["cos_synthesized_vs_trigger"] = F.cosine_similarity(
             moved.mean(0) - f_clean.mean(0), trigger, dim=0).item()
+        if args.purified:
+            rows["flips_original"] = flip_rate(run.model, inputs, delta, 256)
+            state = load_defense_result(args.purified)["model"]
+            run.model.load_state_dict({k: v.to(run.device) for k, v in state.items()})
+            rows["flips_purified"] = flip_rate(run.model, inputs, delta, 256)
         if args.projection_check:
             unit = (shift / shift.norm())[None]
             for name, hook in (("plain", None), ("projected", lambda m, i: (
