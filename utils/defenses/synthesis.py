@@ -3,7 +3,7 @@
 Unlearning a backdoored model on clean images drives them into the backdoor's target, and it does
 so by moving their features (the classifier's inputs) along the direction the trigger moves them:
 on the Fashion-MNIST PreAct-ResNet LF record the mean shift has cosine 0.94 with the trigger's
-(results/fashion_mnist_preactresnet18_w16/README.md, "Trigger synthesis"). A universal input
+(results/fashion_mnist_preactresnet18_w16/README.md, "Robust mode version 5"). A universal input
 perturbation that pushes the *original* model's features along that direction is then a stand-in
 for the trigger, found without it: relearning on perturbed copies of the clean images, labelled
 with their true classes, removes backdoors that reinitializing classifier rows leaves in the
