@@ -304,16 +304,17 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
     unlearning. Returns per round the sink, its share, the rows' weight-change scores under
-    --flag_rule and each rule's flagged rows and upper cut (score_neurons); and how round 0 moved
-    the mean classifier input of `inputs` (the defense images, preprocessed): the direction the
-    trigger synthesis follows."""
+    --flag_rule and each rule's flagged rows and upper cut (score_neurons); and, with synthesis
+    on (else None), how round 0 moved the mean classifier input of `inputs` (the defense images,
+    preprocessed): the direction the trigger synthesis follows."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     batch = eval_batch_size(cfg.eval_batch_size, run.device)
-    model.load_state_dict(run.original_state())
-    original_features = mean_features(model, linear, inputs, batch)
     found: list[dict] = []
+    shift = None
     for r in range(rounds):
         model.load_state_dict(run.original_state())
+        if r == 0 and cfg.synth_rms > 0:
+            original_features = mean_features(model, linear, inputs, batch)
         masked = [row["sink"] for row in found]
         handle = masked_classes(linear, masked)
         w_pre = linear.weight.detach().clone()
@@ -321,7 +322,7 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
         unlearned = unlearn(model, run.batches(), cfg, log_epoch)
         counts = predictions_per_class(run)
         handle.remove()
-        if r == 0:
+        if r == 0 and cfg.synth_rms > 0:
             shift = mean_features(model, linear, inputs, batch) - original_features
         sink = int(counts.argmax())
         by_rule = {rule: score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht,
