@@ -62,6 +62,6 @@ def test_flip_rate_counts_changed_predictions_and_their_class():
         model[1].weight.copy_(torch.eye(2))
     x = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]], [[[2.0, 0.0]]], [[[0.0, 3.0]]]])
     delta = torch.tensor([[[[0.0, 1.5]]]])  # moves the first image to class 1, not the third
-    assert flip_rate(model, x, delta, batch_size=3) == {"changed": 0.25, "top_class": 1,
-                                                        "top_share": 0.75}
+    assert flip_rate(model, x, delta, batch_size=3) == {
+        "changed": 0.25, "top_class": 1, "top_share": 0.75, "class_shares": [0.25, 0.75]}
 

@@ -87,13 +87,15 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(60) % 3
     options = dict(mode="robust", device="cpu", unlearning_epochs=2, relearn_epochs=1,
-                   alpha_grid=[0.1, 1.0], folds=3, batch_size=16, synth_rms=0.1, synth_steps=5)
+                   alpha_grid=[0.1, 1.0], folds=3, batch_size=16, synth_rms=0.1, synth_steps=5,
+                   synth_gate=0.0)
     runs = [ulrl.purify(model, images, labels, **options) for _ in range(2)]
     (first, report), (second, again) = runs
     synthesis = report["synthesis"]  # the trigger synthesized from the subset, reported
     assert synthesis == again["synthesis"] and synthesis["feature_shift_norm"] > 0
-    for when in ("before", "after"):
+    for when in ("before", "after_plain", "after"):  # gate 0: always relearned against it
         assert 0 <= synthesis[when]["changed"] <= 1 and 0 < synthesis[when]["top_share"] <= 1
+    assert synthesis["gate"]["relearned_against_trigger"]
     _, plain = ulrl.purify(model, images, labels, **{**options, "synth_rms": 0})
     assert plain["synthesis"] == {"rms": 0} and "synthesis" not in plain["times_s"]
     assert "synthesis" in report["times_s"]
@@ -101,6 +103,42 @@ def test_robust_purify_needs_no_test_set_and_is_deterministic():
     assert report["alpha_choice"]["folds"] == 3 and len(report["flagged_neurons"]) >= 2
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_gate_keeps_plain_relearning_where_the_trigger_no_longer_works():
+    """--synth_gate compares the share of the defense images the synthesized trigger still sends
+    to its class after plain relearning: at that share relearning is redone against the trigger,
+    just above it the plainly relearned model (the run without synthesis) is kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(60) % 3
+    # a weak trigger (rms 0.001) leaves the predictions spread: the share is 0.00-0.95 over model
+    # seeds 0-2 x defense seeds 0-2 x 1-2 threads (Intel Xeon), always below 1
+    options = dict(mode="robust", device="cpu", unlearning_epochs=2, relearn_epochs=1,
+                   alpha_grid=[1.0], batch_size=16, synth_rms=0.001, synth_steps=5)
+    always, report = ulrl.purify(model, images, labels, **options, synth_gate=0.0)
+    synthesis = report["synthesis"]
+    share = synthesis["gate"]["share"]
+    assert synthesis["gate"]["relearned_against_trigger"] and share < 1
+    assert share == synthesis["after_plain"]["class_shares"][synthesis["before"]["top_class"]]
+    plain, _ = ulrl.purify(model, images, labels, **{**options, "synth_rms": 0})
+    for threshold, expected in ((share, always), (share + 1e-6, plain)):
+        gated, gated_report = ulrl.purify(model, images, labels, **options, synth_gate=threshold)
+        fired = gated_report["synthesis"]["gate"]["relearned_against_trigger"]
+        assert fired == (expected is always) and ("after" in gated_report["synthesis"]) == fired
+        for a, b in zip(gated.state_dict().values(), expected.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_one_alpha_is_not_cross_validated():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    _, report = ulrl.purify(model, images, torch.arange(30) % 3, mode="robust", alpha_grid=[0.3],
+                            unlearning_epochs=1, relearn_epochs=1, device="cpu")
+    assert report["alpha_choice"] == {"tried": [], "folds": 0, "alpha": 0.3}
 
 
 def test_impossible_robust_settings_are_one_clear_error():

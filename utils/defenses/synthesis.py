@@ -22,6 +22,10 @@ SYNTHESIS_OPTIONS = {
                         "turns synthesis off", bounds=">= 0"),
     "synth_steps": Option(100, "robust mode: Adam steps that synthesize the trigger", bounds=">= 1"),
     "synth_lr": Option(0.05, "robust mode: Adam learning rate of the synthesis", bounds="> 0"),
+    "synth_gate": Option(0.5, "robust mode: relearn against the synthesized trigger only if, "
+                         "after plain relearning, it still sends at least this share of the "
+                         "defense images to the class it sent most of them to on the original "
+                         "model (the backdoor survived); 0 always does", bounds="[0, 1]"),
 }
 
 
@@ -81,12 +85,12 @@ def with_perturbed_copies(delta: torch.Tensor):
 @torch.inference_mode()
 def flip_rate(model, x: torch.Tensor, delta: torch.Tensor, batch_size: int) -> dict:
     """How the perturbation moves the model's predictions on x: the share whose prediction
-    changes, and the class most perturbed images go to with its share."""
+    changes, the class most perturbed images go to with its share, and every class's share."""
     model.eval()
-    clean = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    clean = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     moved = torch.cat([model(x[i:i + batch_size] + delta).argmax(1)
                        for i in range(0, len(x), batch_size)])
-    counts = torch.bincount(moved)
-    top = int(counts.argmax())
-    return {"changed": (clean != moved).float().mean().item(), "top_class": top,
-            "top_share": counts[top].item() / len(x)}
+    shares = torch.bincount(moved, minlength=clean.shape[1]) / len(x)
+    top = int(shares.argmax())
+    return {"changed": (clean.argmax(1) != moved).float().mean().item(), "top_class": top,
+            "top_share": shares[top].item(), "class_shares": shares.tolist()}
