@@ -71,8 +71,10 @@ OPTIONS = {
                     aliases=("relearn_alpha",)),
     # robust mode (not in the paper; see robust_defend)
     "mode": Option("faithful", "'faithful': Algorithms 1-3 as published; 'robust': flag both "
-                   "rules' outliers and the classes unlearning collapses into (sink rounds) and "
-                   "choose alpha by cross-validation on the defense subset",
+                   "rules' outliers and the classes unlearning collapses into (sink rounds), "
+                   "choose alpha by cross-validation on the defense subset, and relearn against "
+                   "a trigger synthesized from it where that trigger survives (--synth_rms, "
+                   "--synth_gate)",
                    choices=("faithful", "robust")),
     "sink_rounds": Option(2, "robust mode: unlearning rounds, each masking the earlier rounds' "
                           "sinks; every round's sink is flagged", bounds=">= 1"),

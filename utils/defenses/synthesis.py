@@ -17,9 +17,9 @@ import torch
 from utils.core.config import Option
 
 SYNTHESIS_OPTIONS = {
-    "synth_rms": Option(0.0, "robust mode: root-mean-square size, in pixel units (0-1), of the "
+    "synth_rms": Option(0.1, "robust mode: root-mean-square size, in pixel units (0-1), of the "
                         "synthesized trigger: its L2 norm is this x sqrt(pixels x channels); 0 "
-                        "turns synthesis off", bounds=">= 0"),
+                        "turns synthesis off (robust mode version 4)", bounds=">= 0"),
     "synth_steps": Option(100, "robust mode: Adam steps that synthesize the trigger", bounds=">= 1"),
     "synth_lr": Option(0.05, "robust mode: Adam learning rate of the synthesis", bounds="> 0"),
     "synth_gate": Option(0.5, "robust mode: relearn against the synthesized trigger only if, "
