@@ -28,7 +28,7 @@ from utils.core.config import config_from  # noqa: E402
 from utils.data.datasets import clean_split, get_dataset  # noqa: E402
 from utils.data.record import load_attack_record  # noqa: E402
 from utils.defenses.session import RECORD_OPTIONS, ModelSession  # noqa: E402
-from utils.defenses.unlearning import unlearn  # noqa: E402
+from utils.defenses.unlearning import masked_classes, unlearn  # noqa: E402
 from utils.training.train import backdoor_metrics, predict  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main(argv=None):
     for _ in range(args.rounds):
         s = session()
         linear = s.linear
-        handle = ulrl.masked_classes(linear, masked)  # unlearning cannot collapse into these
+        handle = masked_classes(linear, masked)  # unlearning cannot collapse into these
         w_pre = linear.weight.detach().clone()
         unlearn(s.model, s.batches(), cfg)
         scores = (linear.weight.detach() - w_pre).abs().sum(1)

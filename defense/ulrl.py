@@ -30,12 +30,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils.core.cli import log, main_guard, require  # noqa: E402
 from utils.core.config import Option, parse_config  # noqa: E402
-from utils.data.images import class_folds  # noqa: E402
+from utils.defenses.crossval import cross_validated_accuracy, walk_up  # noqa: E402
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.synthesis import (SYNTHESIS_OPTIONS, flip_rate, mean_features,  # noqa: E402
-                                      synthesize_trigger, with_perturbed_copies)
-from utils.defenses.unlearning import UNLEARNING_OPTIONS, unlearn  # noqa: E402
+                                      synthesized_trigger, trigger_survived,
+                                      with_perturbed_copies)
+from utils.defenses.unlearning import UNLEARNING_OPTIONS, masked_classes, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
 
 FLAG_RULES = ("code", "paper")
@@ -291,16 +292,6 @@ def defend(run: DefenseSession) -> dict:
 # ranks 5th by weight change), and masking that sink makes the target the next one
 # (results/fashion_mnist_smallcnn/sinks.md). And a fixed alpha is too weak on some models
 # (results/fashion_mnist_preactresnet18_w16/). Robust mode reads only the defense subset.
-def masked_classes(linear: torch.nn.Module, classes: list[int]):
-    """Pin `classes`' logits at -1e4 (a forward hook on the classifier; .remove() undoes it), so
-    unlearning must collapse into another class."""
-    def hook(module, inputs, output):
-        output = output.clone()
-        output[:, classes] = -1e4
-        return output
-    return linear.register_forward_hook(hook)
-
-
 def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
     """Unlearn `rounds` times from the original weights on the defense subset, each time masking
     the earlier rounds' sinks; a round's sink is the class that takes most of the unlearned
@@ -347,43 +338,20 @@ def with_alpha(cfg, alpha: float) -> SimpleNamespace:
 
 def choose_alpha(run: DefenseSession, neurons: list[int]) -> dict:
     """Cross-validated relearning strength: for each alpha of the grid, smallest first, Algorithm
-    3 is run `folds` times, each on all folds but one, and scored on the one left out (so every
-    defense image is held out once). The penalty is what pushes the flagged rows off the backdoor
-    (ASR falls as alpha grows, clean accuracy too), so the walk goes up the grid while the
-    cross-validated accuracy stays within heldout_tolerance of the best so far, and keeps the
-    last alpha within it. A grid of one alpha is not cross-validated: there is nothing to choose."""
-    cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
+    3 is run on all folds but one and scored on the one left out. The penalty is what pushes the
+    flagged rows off the backdoor (ASR falls as alpha grows, clean accuracy too), so the walk goes
+    up the grid while the cross-validated accuracy stays within heldout_tolerance of the best so
+    far, and keeps the last alpha within it. A grid of one alpha is not cross-validated: there is
+    nothing to choose."""
+    cfg = run.cfg
     if len(set(cfg.alpha_grid)) == 1:
         return {"tried": [], "folds": 0, "alpha": cfg.alpha_grid[0]}
-    batch = eval_batch_size(cfg.eval_batch_size, run.device)
-    fold = class_folds(data.labels, cfg.folds, cfg.seed).to(data.labels.device)
-    tried: list[dict] = []
-    for alpha in sorted(set(cfg.alpha_grid)):
-        correct = 0
-        for k in range(cfg.folds):
-            model.load_state_dict(run.original_state())
-            fit = data.subset((fold != k).nonzero().flatten())
-            reinitialize_and_relearn(model, linear, run.batches(data=fit), neurons,
-                                     with_alpha(cfg, alpha))
-            held = data.subset((fold == k).nonzero().flatten())
-            correct += (predict(model, held, run.preprocess, batch, cfg.amp)
-                        == held.labels).sum().item()
-        tried.append({"alpha": alpha, "cv_acc": correct / len(data)})
-        log.info("alpha %g: cross-validated accuracy %.4f", alpha, tried[-1]["cv_acc"])
-        if pick_alpha(tried, cfg.heldout_tolerance)["alpha"] != alpha:  # fell out: the walk ends
-            break
-    return {"tried": tried, "folds": cfg.folds, **pick_alpha(tried, cfg.heldout_tolerance)}
 
-
-def pick_alpha(tried: list[dict], tolerance: float) -> dict:
-    """The largest alpha of the walk (`tried`, ascending) before the first whose accuracy falls
-    more than `tolerance` below the best up to it."""
-    chosen = tried[0]["alpha"]
-    for i, t in enumerate(tried):
-        if t["cv_acc"] < max(u["cv_acc"] for u in tried[:i + 1]) - tolerance:
-            break
-        chosen = t["alpha"]
-    return {"alpha": chosen}
+    def accuracy_of(alpha):
+        return cross_validated_accuracy(run, cfg.folds, lambda batches: reinitialize_and_relearn(
+            run.model, run.linear, batches, neurons, with_alpha(cfg, alpha)))
+    choice = walk_up(cfg.alpha_grid, accuracy_of, cfg.heldout_tolerance, "alpha")
+    return {"tried": choice["tried"], "folds": cfg.folds, "alpha": choice["alpha"]}
 
 
 def robust_defend(run: DefenseSession) -> dict:
@@ -442,40 +410,6 @@ def robust_defend(run: DefenseSession) -> dict:
             "unlearning": {**rounds[0]["unlearning"],
                            "predictions_per_class": rounds[0]["predictions_per_class"]},
             "relearning": relearning}
-
-
-def synthesized_trigger(run: DefenseSession, inputs: torch.Tensor, shift: torch.Tensor):
-    """(the trigger synthesized on the original model along `shift`, to add to normalized
-    inputs; its summary), or (None, {"rms": 0}) with synthesis off."""
-    cfg = run.cfg
-    if cfg.synth_rms == 0:
-        return None, {"rms": 0}
-    delta = run.timed("synthesis", synthesize_trigger, run.model, run.linear, inputs, shift,
-                      run.preprocess.std, cfg)
-    before = flip_rate(run.model, inputs, delta, eval_batch_size(cfg.eval_batch_size, run.device))
-    log.info("synthesized trigger (rms %g): changes %.1f %% of the defense predictions, %.1f %% "
-             "go to class %d", cfg.synth_rms, 100 * before["changed"], 100 * before["top_share"],
-             before["top_class"])
-    return delta, {"rms": cfg.synth_rms, "feature_shift_norm": shift.norm().item(),
-                   "before": before}
-
-
-def trigger_survived(run: DefenseSession, inputs: torch.Tensor, delta: torch.Tensor,
-                     synthesis: dict) -> bool:
-    """The gate (--synth_gate): does the synthesized trigger, on the plainly relearned model,
-    still send at least that share of the defense images to the class it sent most of them to on
-    the original one? On the PreAct-ResNet LF record after plain relearning 97.8 % still went to
-    the target; on BadNets, whose backdoor relearning removes, they scatter."""
-    cfg = run.cfg
-    plain = flip_rate(run.model, inputs, delta, eval_batch_size(cfg.eval_batch_size, run.device))
-    share = plain["class_shares"][synthesis["before"]["top_class"]]
-    survived = share >= cfg.synth_gate
-    synthesis.update(after_plain=plain, gate={"threshold": cfg.synth_gate, "share": share,
-                                              "relearned_against_trigger": survived})
-    log.info("synthesized trigger after plain relearning: %.1f %% of the defense images still go "
-             "to class %d (gate %.2f): %s", 100 * share, synthesis["before"]["top_class"],
-             cfg.synth_gate, "relearning against it" if survived else "kept")
-    return survived
 
 
 purify = python_api(OPTIONS, defend, "ulrl")  # the Python API

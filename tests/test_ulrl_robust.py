@@ -8,6 +8,8 @@ import torch
 from defense import ulrl
 from utils.core.errors import UserError
 from utils.data.images import class_folds
+from utils.defenses.crossval import walk_up
+from utils.defenses.unlearning import masked_classes
 from tests.conftest import run_script
 from tests.helpers import needs_fashion_mnist, tiny_record
 from tests.outcomes import check, seed_args
@@ -25,7 +27,7 @@ def test_class_folds_deal_every_class_evenly_and_are_seeded():
 def test_masked_classes_pins_logits_until_removed():
     linear = torch.nn.Linear(3, 4)
     x = torch.randn(5, 3)
-    handle = ulrl.masked_classes(linear, [1, 3])
+    handle = masked_classes(linear, [1, 3])
     out = linear(x)
     assert (out[:, [1, 3]] == -1e4).all() and torch.equal(out.argmax(1) % 2, torch.zeros(5).long())
     out.sum().backward()  # no gradient reaches the masked rows
@@ -34,15 +36,17 @@ def test_masked_classes_pins_logits_until_removed():
     assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize("accs, expected", [
-    ([0.84, 0.82, 0.80, 0.79], 0.2),  # 0.80 is 4 points below the best (0.84): the walk ends
-    ([0.80, 0.81, 0.80, 0.79], 1.0),  # within 2 points of the best so far all the way
-    ([0.80, 0.77, 0.85, 0.85], 0.1),  # the first alpha out of tolerance ends the walk
-    ([0.78, 0.80, 0.83, 0.80], 0.5),  # the best may rise; 0.80 is 3 below 0.83
+@pytest.mark.parametrize("accs, expected, steps", [
+    ([0.84, 0.82, 0.80, 0.79], 0.2, 3),  # 0.80 is 4 points below the best (0.84): the walk ends
+    ([0.80, 0.81, 0.80, 0.79], 1.0, 4),  # within 2 points of the best so far all the way
+    ([0.80, 0.77, 0.85, 0.85], 0.1, 2),  # the first alpha out of tolerance ends the walk
+    ([0.78, 0.80, 0.83, 0.80], 0.5, 4),  # the best may rise; 0.80 is 3 below 0.83
 ])
-def test_pick_alpha_walks_up_the_grid_while_within_tolerance(accs, expected):
-    tried = [{"alpha": a, "cv_acc": acc} for a, acc in zip([0.1, 0.2, 0.5, 1.0], accs)]
-    assert ulrl.pick_alpha(tried, 0.02 + 1e-9) == {"alpha": expected}
+def test_the_alpha_walk_goes_up_the_grid_while_within_tolerance(accs, expected, steps):
+    accuracy = dict(zip([0.1, 0.2, 0.5, 1.0], accs))
+    choice = walk_up([1.0, 0.5, 0.1, 0.2, 0.1], accuracy.__getitem__, 0.02 + 1e-9, "alpha")
+    assert choice["alpha"] == expected  # the grid is walked ascending, duplicates once
+    assert choice["tried"] == [{"alpha": a, "cv_acc": accuracy[a]} for a in sorted(accuracy)][:steps]
 
 
 SHORT = ["--unlearning_epochs", "2", "--relearn_epochs", "1", "--alpha_grid", "0.1", "1",

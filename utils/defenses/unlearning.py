@@ -65,3 +65,13 @@ def unlearn(model, batches, cfg, log_epoch: Callable | None = None) -> dict:
                     done["train_acc"])
     return {"epochs": done["epochs"], "steps": done["steps"], "stop_rule": cfg.stop_rule,
             "reached_threshold": done["stopped"], "final_train_acc": done["train_acc"]}
+
+
+def masked_classes(linear: torch.nn.Module, classes: list[int]):
+    """Pin `classes`' logits at -1e4 (a forward hook on the classifier; .remove() undoes it), so
+    unlearning must collapse into another class (robust ULRL's sink rounds)."""
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[:, classes] = -1e4
+        return output
+    return linear.register_forward_hook(hook)
