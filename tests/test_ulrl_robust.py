@@ -85,6 +85,17 @@ def test_robust_run_flags_the_sinks_and_reports_its_choices(tmp_path):
     assert (tmp_path / "r/defense/ulrl/neuron_changes.png").is_file()  # round 0's scores, sinks red
 
 
+def test_the_alpha_bench_cross_validates_every_alpha_of_its_grid(tmp_path):
+    from bench import ulrl_alpha_cv
+    tiny_record(tmp_path / "r")
+    ulrl_alpha_cv.main(["--neurons", "0", "--grid", "0.1", "1", "--folds", "2", "--result_file", "r",
+                        "--record_dir", str(tmp_path), "--unlearning_epochs", "1",
+                        "--relearn_epochs", "1"])
+    rows = json.loads((tmp_path / "r/defense/ulrl_alphacv/summary.json").read_text())["alpha_rows"]
+    assert [row["alpha"] for row in rows] == [0.1, 1.0]
+    assert all(0 <= row["cv_acc"] <= 1 and 0 <= row["test_acc"] <= 1 for row in rows)
+
+
 def small_classifier():
     """A seeded 3-class MLP and 60 random 8x8 images with balanced labels."""
     torch.manual_seed(0)
