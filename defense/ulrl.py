@@ -298,16 +298,17 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
     model's predictions on the subset (ties: the lower index). Round 0 is faithful ULRL's
     unlearning. Returns per round the sink, its share, the rows' weight-change scores under
     --flag_rule and each rule's flagged rows and upper cut (score_neurons); and, with synthesis
-    on (else None), how round 0 moved the mean classifier input of `inputs` (the defense images,
-    preprocessed): the direction the trigger synthesis follows."""
+    on (else empty), how each round moved the mean classifier input of `inputs` (the defense
+    images, preprocessed): round 0's is the direction the trigger synthesis follows."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     batch = eval_batch_size(cfg.eval_batch_size, run.device)
     found: list[dict] = []
-    shift = None
+    shifts: list[torch.Tensor] = []
+    model.load_state_dict(run.original_state())
+    synthesis = cfg.synth_rms > 0
+    original_features = mean_features(model, linear, inputs, batch) if synthesis else None
     for r in range(rounds):
         model.load_state_dict(run.original_state())
-        if r == 0 and cfg.synth_rms > 0:
-            original_features = mean_features(model, linear, inputs, batch)
         masked = [row["sink"] for row in found]
         handle = masked_classes(linear, masked)
         w_pre = linear.weight.detach().clone()
@@ -315,8 +316,8 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
         unlearned = unlearn(model, run.batches(), cfg, log_epoch)
         counts = predictions_per_class(run)
         handle.remove()
-        if r == 0 and cfg.synth_rms > 0:
-            shift = mean_features(model, linear, inputs, batch) - original_features
+        if synthesis:
+            shifts.append(mean_features(model, linear, inputs, batch) - original_features)
         sink = int(counts.argmax())
         by_rule = {rule: score_neurons(w_pre, linear.weight.detach(), cfg.tau, cfg.ht,
                                        cfg.dispersion, rule) for rule in FLAG_RULES}
@@ -329,7 +330,7 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
                                             for rule in FLAG_RULES}})
         log.info("sink round %d (masked %s): sink %d takes %d of %d predictions", r, masked, sink,
                  counts[sink].item(), len(data))
-    return found, shift
+    return found, shifts
 
 
 def with_alpha(cfg, alpha: float) -> SimpleNamespace:
@@ -374,7 +375,7 @@ def robust_defend(run: DefenseSession) -> dict:
             f"--sink_rounds {cfg.sink_rounds} would mask all {linear.out_features} classes: "
             f"use at most {linear.out_features - 1}")
     inputs = run.preprocess(run.defense_data.images)
-    rounds, shift = run.timed("unlearning", find_sinks, run, cfg.sink_rounds, inputs)
+    rounds, shifts = run.timed("unlearning", find_sinks, run, cfg.sink_rounds, inputs)
     first = rounds[0]["identification"]  # the unmasked round: faithful ULRL's scores
     outliers = sorted(set().union(*rounds[0]["flagged_by_rule"].values()))
     sinks = [row["sink"] for row in rounds]
@@ -382,7 +383,7 @@ def robust_defend(run: DefenseSession) -> dict:
     log.info("robust mode: flagged %s (sinks %s, outliers of the first round %s)", neurons, sinks,
              outliers)
     model.load_state_dict(run.original_state())
-    delta, synthesis = synthesized_trigger(run, inputs, shift)
+    delta, synthesis = synthesized_trigger(run, inputs, shifts[0] if shifts else None)
     choice = run.timed("alpha_choice", choose_alpha, run, neurons)
     log.info("robust mode: alpha %g (%s)", choice["alpha"],
              f"{cfg.folds}-fold cross-validation" if choice["folds"] else "the only one given")

@@ -96,6 +96,24 @@ def test_the_alpha_bench_cross_validates_every_alpha_of_its_grid(tmp_path):
     assert all(0 <= row["cv_acc"] <= 1 and 0 <= row["test_acc"] <= 1 for row in rows)
 
 
+def test_the_round_trigger_bench_synthesizes_one_trigger_per_sink_round(tmp_path, capsys):
+    from bench import ulrl_round_triggers
+    tiny_record(tmp_path / "r")
+    args = ["--result_file", "r", "--record_dir", str(tmp_path), "--unlearning_epochs", "1",
+            "--relearn_epochs", "1", "--synth_steps", "2"]
+    ulrl.main([*args, "--mode", "robust", "--alpha_grid", "1"])
+    ulrl_round_triggers.main([*args, "--purified", str(tmp_path / "r/defense/ulrl/defense_result.pt"),
+                              "--relearn_round", "1", "--neurons", "0"])
+    summary = json.loads((tmp_path / "r/defense/ulrl_roundtrig/summary.json").read_text())
+    robust = json.loads((tmp_path / "r/defense/ulrl/summary.json").read_text())
+    rows = summary["round_triggers"]  # robust mode's rounds, each with its own trigger
+    assert [row["sink"] for row in rows] == [r["sink"] for r in robust["sink_rounds"]]
+    assert rows[0]["original"] == robust["synthesis"]["before"]["class_shares"]  # round 0's = robust's
+    assert all(abs(sum(row[when]) - 1) < 1e-6 for row in rows for when in ("original", "purified"))
+    assert summary["relearned_against_round"] == 1
+    assert capsys.readouterr().out.count("shares of the defense images") == 2
+
+
 def small_classifier():
     """A seeded 3-class MLP and 60 random 8x8 images with balanced labels."""
     torch.manual_seed(0)
