@@ -4,8 +4,8 @@
         --yaml_path config/defense/ulrl/fashion_mnist.yaml [--purified DIR/R/defense/ulrl_robust/defense_result.pt] \
         [--relearn_round K --neurons 0 7 --alpha 1]
 
-Robust mode synthesizes its trigger along round 0's feature shift only. This runs the sink rounds
-as robust mode does (ulrl.find_sinks), synthesizes a trigger along every round's shift and prints
+It was version 7's design check (robust mode now synthesizes and gates one trigger per round). It
+runs the sink rounds as robust mode does (ulrl.find_sinks), synthesizes a trigger along every round's shift and prints
 where each sends the defense images on the original model and, with --purified, on that model (a
 robust run whose gate kept its plain relearning is the plainly relearned model, so this is what a
 per-round gate would read). With --relearn_round K the run then relearns from the original weights

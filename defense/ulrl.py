@@ -34,7 +34,7 @@ from utils.defenses.crossval import cross_validated_accuracy, walk_up  # noqa: E
 from utils.defenses.run import DEFENSE_OPTIONS, run_defense  # noqa: E402
 from utils.defenses.session import DefenseSession, python_api  # noqa: E402
 from utils.defenses.synthesis import (SYNTHESIS_OPTIONS, flip_rate, mean_features,  # noqa: E402
-                                      synthesized_trigger, trigger_survived,
+                                      surviving_triggers, synthesized_triggers,
                                       with_perturbed_copies)
 from utils.defenses.unlearning import UNLEARNING_OPTIONS, masked_classes, unlearn  # noqa: E402
 from utils.training.train import cross_entropy, eval_batch_size, fit, predict  # noqa: E402
@@ -299,7 +299,7 @@ def find_sinks(run: DefenseSession, rounds: int, inputs: torch.Tensor):
     unlearning. Returns per round the sink, its share, the rows' weight-change scores under
     --flag_rule and each rule's flagged rows and upper cut (score_neurons); and, with synthesis
     on (else empty), how each round moved the mean classifier input of `inputs` (the defense
-    images, preprocessed): round 0's is the direction the trigger synthesis follows."""
+    images, preprocessed): the directions the trigger synthesis follows."""
     cfg, model, linear, data = run.cfg, run.model, run.linear, run.defense_data
     batch = eval_batch_size(cfg.eval_batch_size, run.device)
     found: list[dict] = []
@@ -361,11 +361,11 @@ def robust_defend(run: DefenseSession) -> dict:
     CNN's LC record the target is an outlier of the first round but never a sink, and a
     clean-label target, SIG on PreAct-ResNet, is never a sink but the paper rule's outlier),
     cross-validation on the defense subset chooses alpha, then Algorithm 3 on the whole subset
-    with that alpha. With synth_rms > 0, if a trigger synthesized along round 0's feature shift
-    (utils/defenses/synthesis.py) still works after that relearning (trigger_survived), it is
-    redone with each batch plus its copy under that trigger, labelled with the true classes: a
-    flagged row that is reversed does not stop a trigger whose features still read as the
-    target's."""
+    with that alpha. With synth_rms > 0, a trigger is synthesized along each sink round's feature
+    shift (utils/defenses/synthesis.py); if any still works after that relearning
+    (surviving_triggers), relearning is redone with each batch plus one copy under each surviving
+    trigger, labelled with the true classes: a flagged row that is reversed does not stop a
+    trigger whose features still read as the target's."""
     cfg, model, linear = run.cfg, run.model, run.linear
     require(len(run.defense_data) >= 2 * cfg.folds,
             f"robust mode cross-validates over {cfg.folds} folds: the {len(run.defense_data)} "
@@ -383,7 +383,7 @@ def robust_defend(run: DefenseSession) -> dict:
     log.info("robust mode: flagged %s (sinks %s, outliers of the first round %s)", neurons, sinks,
              outliers)
     model.load_state_dict(run.original_state())
-    delta, synthesis = synthesized_trigger(run, inputs, shifts[0] if shifts else None)
+    deltas, synthesis = synthesized_triggers(run, inputs, rounds, shifts)
     choice = run.timed("alpha_choice", choose_alpha, run, neurons)
     log.info("robust mode: alpha %g (%s)", choice["alpha"],
              f"{cfg.folds}-fold cross-validation" if choice["folds"] else "the only one given")
@@ -391,18 +391,21 @@ def robust_defend(run: DefenseSession) -> dict:
     model.load_state_dict(run.original_state())
     relearning = run.timed("relearning", reinitialize_and_relearn, model, linear, run.batches(),
                            neurons, relearn_cfg, run.log_epoch)
-    if delta is not None and trigger_survived(run, inputs, delta, synthesis):
-        # Relearn again from the original weights, each batch with its synthesized-trigger copy
-        # (alpha was chosen without it, so the choice costs what it costs without synthesis).
+    surviving = surviving_triggers(run, inputs, deltas, synthesis)
+    if surviving:
+        # Relearn again from the original weights, each batch with its synthesized-trigger copies
+        # (alpha was chosen without them, so the choice costs what it costs without synthesis).
         model.load_state_dict(run.original_state())
         log_epoch = lambda phase, *rest: run.log_epoch(f"{phase}_synthesized", *rest)  # noqa: E731
         relearning = run.timed("relearning", reinitialize_and_relearn, model, linear,
                                run.batches(), neurons, relearn_cfg, log_epoch,
-                               with_perturbed_copies(delta))
-        synthesis["after"] = flip_rate(model, inputs, delta,
-                                       eval_batch_size(cfg.eval_batch_size, run.device))
-        log.info("synthesized trigger after relearning against it: changes %.1f %% of the "
-                 "defense predictions", 100 * synthesis["after"]["changed"])
+                               with_perturbed_copies(*surviving))
+        for delta, trigger in zip(deltas, synthesis["triggers"]):
+            trigger["after"] = flip_rate(model, inputs, delta,
+                                         eval_batch_size(cfg.eval_batch_size, run.device))
+            log.info("round %d's trigger after relearning against the surviving ones: changes "
+                     "%.1f %% of the defense predictions", trigger["round"],
+                     100 * trigger["after"]["changed"])
     return {"flagged_neurons": [{"neuron": j, "score": first["scores"][j]} for j in neurons],
             "mode": "robust", "identification": {
                 **first, "flagged": neurons, "sinks": sinks, "outliers_flagged": outliers,

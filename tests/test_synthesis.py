@@ -48,12 +48,14 @@ def test_no_feature_shift_synthesizes_nothing():
     assert torch.count_nonzero(delta) == 0
 
 
-def test_perturbed_copies_double_the_batch_with_true_labels():
+def test_perturbed_copies_add_one_copy_per_trigger_with_true_labels():
     x, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 1])
-    delta = torch.full((1, 1, 2, 2), 0.5)
+    delta, other = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), -0.25)
     xs, ys = with_perturbed_copies(delta)(x, y)
     assert torch.equal(xs[:4], x) and torch.equal(xs[4:], x + delta)
     assert torch.equal(ys, torch.cat([y, y]))
+    xs, ys = with_perturbed_copies(delta, other)(x, y)
+    assert torch.equal(xs, torch.cat([x, x + delta, x + other])) and torch.equal(ys, y.repeat(3))
 
 
 def test_flip_rate_counts_changed_predictions_and_their_class():
