@@ -221,8 +221,8 @@ def test_robust_mode_removes_a_badnets_backdoor(small_badnet_record):
     flagged and the cross-validated alpha removes the backdoor.
     Seeds 0-2 x 1-2 threads (sh/test_portability.sh tests/test_ulrl_robust.py -k badnets): target
     flagged in all six, ASR 0.00 % in all six, C-ACC change -1.4 to -2.6 points (Intel Xeon,
-    version 6: trigger synthesis with its gate, as version 4 before it; version 7, seed 0, one
-    thread: -1.77, both triggers dead, 2.3 %; -0.8 to -2.2 on an AMD
+    version 6: trigger synthesis with its gate, as version 4 before it; version 7 at seed 0:
+    -1.77, both rounds' triggers dead after plain relearning, 2.3 % share; -0.8 to -2.2 on an AMD
     EPYC with version 3)."""
     records, name = small_badnet_record
     done = run_script("defense/ulrl.py", "--result_file", name, "--record_dir", records,
